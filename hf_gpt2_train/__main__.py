@@ -1,0 +1,4 @@
+from hf_gpt2_train.cli import main
+
+if __name__ == "__main__":
+    main()

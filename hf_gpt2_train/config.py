@@ -1,0 +1,386 @@
+"""Configuration: one dataclass per concern, presets, YAML files and CLI flags.
+
+Precedence (lowest to highest): dataclass defaults < ``--preset`` < ``--config FILE`` < CLI flags.
+The docstring under each field is its ``--help`` text. YAML files hold one mapping per section
+(``model:``, ``data:``, ``optim:``, ...) or flat keys; unknown keys are rejected, and every problem
+found is reported at once.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad user input: printed as one line, exit code 2."""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block."""
+    n_embd: int = 768
+    """Hidden size."""
+    n_positions: int = 1024
+    """Context length of the model (position embeddings); seq_len may not exceed it."""
+    vocab_size: int = 50257
+    """Real vocabulary size (tiktoken gpt2: 50257)."""
+    pad_vocab_multiple: int = 64
+    """Pad the embedding/lm_head rows to a multiple of this (50257 -> 50304); padded rows are never predicted."""
+    dropout: float = 0.0
+    """Dropout for embeddings, attention and residuals (0 for pretraining)."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = max(1, self.pad_vocab_multiple)
+        return (self.vocab_size + m - 1) // m * m
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""
+    """Folder of token shards (ours, build-nanogpt edufineweb_*.npy or llm.c .bin). Empty: the embedded corpus, prepared on first use."""
+    shuffle: bool = True
+    """Seeded shuffle of the training windows each epoch (restored exactly on resume)."""
+    val_batches: int = 20
+    """Number of fixed validation micro-batches (per process) for val_loss."""
+    tokenizer_file: str = ""
+    """Local gpt2.tiktoken file for offline machines (else tiktoken downloads it once; TIKTOKEN_CACHE_DIR also works)."""
+
+
+@dataclass
+class OptimConfig:
+    max_steps: int = 19073
+    """Optimizer steps to train for."""
+    learning_rate: float = 6e-4
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at learning_rate * min_lr_ratio."""
+    warmup_steps: int = 715
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to 2-D weights only."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    total_batch_size: int = 524288
+    """Tokens per optimizer step across all processes; gradient accumulation is derived from it."""
+    per_device_train_batch_size: int = 64
+    """Micro-batch size (sequences) per process and forward pass."""
+    seq_len: int = 1024
+    """Tokens per training sequence."""
+    on_nonfinite: str = "stop"
+    """What a non-finite loss/grad norm does: 'stop' (clear error, weights untouched) or 'skip' (skip that update)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "out"
+    """Where checkpoints, logs, metrics and TensorBoard runs go."""
+    run_name: str = ""
+    """Name of the run (TensorBoard folder); default: the output folder's name."""
+    seed: int = 1337
+    """Seed for model init, data order and sampling."""
+    compile: bool | None = None
+    """torch.compile the training forward (default: on for GPU, off for CPU)."""
+    device_peak_tflops: float = 0.0
+    """Peak dense TFLOP/s for MFU (0: known GPUs are looked up; unknown devices report no MFU)."""
+
+
+@dataclass
+class PrecisionConfig:
+    mixed_precision: str | None = None
+    """'no', 'fp16', 'bf16' or 'fp8' (default: what the accelerate config says)."""
+    fp8_backend: str = "auto"
+    """fp8 backend: 'te' (TransformerEngine), 'ao' (torchao) or 'auto' (TE if usable, else torchao, else bf16)."""
+    fp8_emulate: bool = False
+    """torchao emulated fp8 (runs the fp8 path without fp8 hardware, CPU included; slow, for tests/debugging)."""
+    fp8_lm_head: bool = False
+    """Also run lm_head in fp8 (off: kept in bf16, as torchao recommends for the last layer)."""
+    fp8_min_dim: int = 512
+    """Linear layers with in/out features below this stay in bf16 (fp8 casts cost more than they save)."""
+
+
+@dataclass
+class CheckpointConfig:
+    checkpoint_steps: int = 250
+    """Save 'latest' every N steps (0 disables)."""
+    checkpoint_minutes: float = 0.0
+    """Also save 'latest' every N minutes (0: off); whichever comes first."""
+    keep_last: int = 3
+    """Rolling step_NNNNNNN checkpoints to keep."""
+    milestone_steps: int = 0
+    """Keep a milestone every N steps, never deleted (0: off; epoch ends are always milestones)."""
+    resume_from_checkpoint: str | None = None
+    """'latest', 'best', 'backup', 'auto' (latest if any, else fresh) or a checkpoint PATH."""
+    verify_checkpoint: bool = True
+    """Verify sha256 of checkpoint files on load (sizes are always checked)."""
+
+
+@dataclass
+class TrackingConfig:
+    report_to: str = "tensorboard"
+    """Trackers: 'tensorboard', 'wandb', 'all' or 'none' (comma-separated lists work)."""
+    logging_steps: int = 10
+    """Log train scalars every N steps (the only steps that sync with the device)."""
+
+
+@dataclass
+class EvalConfig:
+    eval_steps: int = 250
+    """Evaluate (val loss, HellaSwag, samples) every N steps and at the end (0: only at the end)."""
+    hellaswag: bool = True
+    """Score HellaSwag at each evaluation."""
+    hellaswag_path: str = ""
+    """Local hellaswag_val.jsonl (else downloaded once to the cache)."""
+    hellaswag_limit: int = 0
+    """Score only the first N HellaSwag examples (0: all 10,042)."""
+    sample_prompts: list[str] = field(default_factory=lambda: ["Hello, I'm a language model,", "The meaning of life is"])
+    """Fixed prompts for generated samples at each evaluation."""
+    sample_max_new_tokens: int = 32
+    """Tokens generated per sample."""
+    sample_top_k: int = 50
+    """Top-k for sampling."""
+
+
+@dataclass
+class HubConfig:
+    push_to_hub: bool = False
+    """Export and push the final model to the Hub at the end of training."""
+    hub_model_id: str = ""
+    """Hub repository id, e.g. user/gpt2-fineweb."""
+    hub_private: bool = False
+    """Create the Hub repository as private."""
+    hub_token: str = ""
+    """Hub token (else HF_TOKEN or the saved login)."""
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "precision": PrecisionConfig,
+    "checkpoint": CheckpointConfig,
+    "tracking": TrackingConfig,
+    "eval": EvalConfig,
+    "hub": HubConfig,
+}
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Rebuild a Config saved by to_dict (e.g. from a checkpoint manifest)."""
+        cfg = cls(preset=d.get("preset", ""))
+        apply_overrides(cfg, {k: v for k, v in d.items() if k != "preset"}, source="saved config")
+        return cfg
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        o = self.optim
+        return o.total_batch_size // (o.per_device_train_batch_size * o.seq_len * world_size)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raise ConfigError listing every problem at once."""
+        p: list[str] = []
+        o, m = self.optim, self.model
+        if o.seq_len > m.n_positions:
+            p.append(f"seq_len {o.seq_len} exceeds the model's context n_positions={m.n_positions}: lower --seq_len")
+        if m.n_embd % m.n_head:
+            p.append(f"n_embd {m.n_embd} is not divisible by n_head {m.n_head}")
+        micro = o.per_device_train_batch_size * o.seq_len * world_size
+        if o.per_device_train_batch_size < 1 or o.seq_len < 1:
+            p.append("per_device_train_batch_size and seq_len must be >= 1")
+        elif o.total_batch_size % micro:
+            p.append(
+                f"total_batch_size {o.total_batch_size} is not divisible by per_device_train_batch_size*seq_len*"
+                f"num_processes = {o.per_device_train_batch_size}*{o.seq_len}*{world_size} = {micro}: "
+                f"use a multiple of {micro} for --total_batch_size"
+            )
+        if o.max_steps < 1:
+            p.append("max_steps must be >= 1")
+        if o.on_nonfinite not in ("stop", "skip"):
+            p.append(f"on_nonfinite must be 'stop' or 'skip', not {o.on_nonfinite!r}")
+        mp = self.precision.mixed_precision
+        if mp is not None and mp not in ("no", "fp16", "bf16", "fp8"):
+            p.append(f"mixed_precision must be one of no/fp16/bf16/fp8, not {mp!r}")
+        if self.precision.fp8_backend not in ("auto", "te", "ao"):
+            p.append(f"fp8_backend must be auto/te/ao, not {self.precision.fp8_backend!r}")
+        if self.checkpoint.keep_last < 1:
+            p.append("keep_last must be >= 1")
+        if self.hub.push_to_hub and not self.hub.hub_model_id:
+            p.append("--push_to_hub needs --hub_model_id USER/NAME")
+        if p:
+            raise ConfigError("; ".join(p))
+
+
+# --------------------------------------------------------------------------------------------- presets
+# build-nanogpt's recipe: 524,288-token batches, lr 6e-4, 715 warmup, cosine to 10%, wd 0.1, 19,073 steps.
+# The dataclass defaults are that recipe; presets set the model shape and a micro-batch that fits 80 GB.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": {"model": {"n_layer": 12, "n_head": 12, "n_embd": 768}},
+    "gpt2-medium": {"model": {"n_layer": 24, "n_head": 16, "n_embd": 1024}, "optim": {"per_device_train_batch_size": 32}},
+    "gpt2-large": {"model": {"n_layer": 36, "n_head": 20, "n_embd": 1280}, "optim": {"per_device_train_batch_size": 16}},
+    "gpt2-xl": {"model": {"n_layer": 48, "n_head": 25, "n_embd": 1600}, "optim": {"per_device_train_batch_size": 8}},
+    # A tiny GPT-2 that visibly learns on 2 CPU cores in about two minutes, on the embedded corpus.
+    "quickstart": {
+        "model": {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 128},
+        "optim": {
+            "max_steps": 200,
+            "learning_rate": 3e-3,
+            "warmup_steps": 20,
+            "total_batch_size": 4096,
+            "per_device_train_batch_size": 16,
+            "seq_len": 128,
+        },
+        "data": {"val_batches": 4},
+        "checkpoint": {"checkpoint_steps": 50},
+        "tracking": {"logging_steps": 10},
+        "eval": {"eval_steps": 100, "hellaswag_limit": 200, "sample_max_new_tokens": 24},
+    },
+}
+
+
+# ------------------------------------------------------------------------------------ field metadata
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (it becomes --help)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+def flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Flat flag name -> (section, field). Field names are unique across sections."""
+    out: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in out, f"duplicate config field {f.name}"
+            out[f.name] = (section, f)
+    return out
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    t = str(f.type)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{where}: {f.name} may not be null")
+    try:
+        if t.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if t.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if t.startswith("float"):
+            return float(value)
+        if t.startswith("list"):
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {f.name}={value!r} is not a valid {t}") from None
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> None:
+    """Apply nested ({section: {key: v}}) or flat ({key: v}) overrides; report every unknown/bad key at once."""
+    fields = flat_fields()
+    problems: list[str] = []
+    flat: list[tuple[str, Any]] = []
+    for k, v in overrides.items():
+        if k in SECTIONS and isinstance(v, dict):
+            cls_fields = {f.name for f in dataclasses.fields(SECTIONS[k])}
+            for kk, vv in v.items():
+                if kk in cls_fields:
+                    flat.append((kk, vv))
+                else:
+                    problems.append(f"unknown key {k}.{kk}")
+        elif k == "preset":
+            continue
+        elif k in fields:
+            flat.append((k, v))
+        else:
+            problems.append(f"unknown key {k!r}")
+    for k, v in flat:
+        section, f = fields[k]
+        try:
+            setattr(getattr(cfg, section), k, _coerce(v, f, source))
+        except ConfigError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems) + " (see --help for valid keys)")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist: check the --config path")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}: fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of sections/keys, not {type(data).__name__}")
+    return data
+
+
+def build_config(preset: str = "", yaml_path: str = "", cli: dict[str, Any] | None = None) -> Config:
+    """Defaults < preset < YAML < CLI."""
+    file_data = load_yaml(yaml_path) if yaml_path else {}
+    preset = preset or str(file_data.get("preset", "") or "")
+    cfg = Config(preset=preset)
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        apply_overrides(cfg, PRESETS[preset], source=f"preset {preset}")
+    if file_data:
+        apply_overrides(cfg, file_data, source=str(yaml_path))
+    if cli:
+        apply_overrides(cfg, cli, source="command line")
+    if not cfg.run.run_name:
+        cfg.run.run_name = Path(cfg.run.output_dir).resolve().name or "run"
+    return cfg

@@ -1,0 +1,132 @@
+"""GPT-2 as a transformers ``GPT2LMHeadModel``, in the layout we train it in.
+
+Training layout: HF GPT-2 builds its attention/MLP projections from ``Conv1D`` (weight ``[in, out]``).
+fp8 backends (TransformerEngine, torchao) only convert ``nn.Linear``, so we always train with the block
+projections as ``nn.Linear`` (weight ``[out, in]``: the Conv1D weight transposed). Doing it for every
+precision keeps checkpoints identical across bf16/fp8, so a run can resume in either.
+``to_hf_state_dict`` turns a training state dict back into the stock HF layout for export.
+
+The vocabulary is padded (50257 -> 50304) for matmul efficiency; padded rows are sliced off the logits
+before the loss and before sampling, so they never get probability mass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from hf_gpt2_train.config import ModelConfig
+
+# The block matmuls that carry almost all FLOPs (and that fp8 converts).
+BLOCK_PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def hf_config(cfg: ModelConfig, padded: bool = True) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=cfg.padded_vocab_size if padded else cfg.vocab_size,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        tie_word_embeddings=True,
+        use_cache=False,
+    )
+
+
+def conv1d_to_linear(model: nn.Module) -> nn.Module:
+    """Replace every HF ``Conv1D`` by an equivalent ``nn.Linear`` (same math, weight transposed)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                in_f, out_f = child.weight.shape
+                lin = nn.Linear(in_f, out_f, bias=child.bias is not None, device=child.weight.device,
+                                dtype=child.weight.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(child.weight.t())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(module, child_name, lin)
+    return model
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2 (HF's GPT-2 init, scaled residual projections) in the training layout."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    hf_cfg = hf_config(cfg)
+    hf_cfg._attn_implementation = "sdpa"
+    model = GPT2LMHeadModel(hf_cfg)
+    return conv1d_to_linear(model)
+
+
+def is_transposed_key(key: str) -> bool:
+    return key.endswith(".weight") and any(f".{p}." in key for p in BLOCK_PROJECTIONS)
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Training-layout state dict -> stock HF GPT-2 (Conv1D weights, vocab trimmed to cfg.vocab_size)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        k = k.removeprefix("_orig_mod.").removeprefix("module.")
+        if k.endswith("._extra_state") or k.endswith(".attn.bias") or k.endswith(".attn.masked_bias"):
+            continue  # TE fp8 metadata / legacy causal-mask buffers are not weights
+        v = v.detach().to("cpu")
+        if is_transposed_key(k):
+            v = v.t()
+        if k in ("transformer.wte.weight", "lm_head.weight"):
+            v = v[: cfg.vocab_size]
+        out[k] = v.contiguous()
+    if "lm_head.weight" not in out and "transformer.wte.weight" in out:
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def lm_logits(model: nn.Module, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Logits over the real vocabulary only (padded rows sliced off)."""
+    return model(input_ids=input_ids).logits[..., :vocab_size]
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy on logits (not HF's labels= path, which breaks the compiled graph)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+
+
+def num_params(cfg: ModelConfig, non_embedding: bool = True) -> int:
+    d, L = cfg.n_embd, cfg.n_layer
+    per_block = 12 * d * d + 13 * d  # qkv+proj (4d^2+4d), mlp (8d^2+5d), 2 layernorms (4d)
+    n = L * per_block + 2 * d  # + final layernorm
+    if not non_embedding:
+        n += cfg.padded_vocab_size * d + cfg.n_positions * d
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward+backward), PaLM appendix B: 6*N + 12*L*d*T.
+
+    N counts the matmul weights including lm_head (the tied embedding used as the output projection);
+    the attention term covers QK^T and AV. Layernorms, softmax and the input embedding lookup are ignored.
+    """
+    d, L = cfg.n_embd, cfg.n_layer
+    n_matmul = L * 12 * d * d + cfg.padded_vocab_size * d
+    return 6.0 * n_matmul + 12.0 * L * d * seq_len
+
+
+def matmul_flops_by_layer(cfg: ModelConfig) -> dict[str, float]:
+    """Forward matmul FLOPs per token of each weight matmul (for fp8 coverage)."""
+    d = cfg.n_embd
+    out: dict[str, float] = {}
+    for i in range(cfg.n_layer):
+        out[f"transformer.h.{i}.attn.c_attn"] = 2.0 * d * 3 * d
+        out[f"transformer.h.{i}.attn.c_proj"] = 2.0 * d * d
+        out[f"transformer.h.{i}.mlp.c_fc"] = 2.0 * d * 4 * d
+        out[f"transformer.h.{i}.mlp.c_proj"] = 2.0 * 4 * d * d
+    out["lm_head"] = 2.0 * d * cfg.padded_vocab_size
+    return out
