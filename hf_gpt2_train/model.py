@@ -43,7 +43,7 @@ def hf_config(cfg: ModelConfig, padded: bool = True) -> GPT2Config:
 
 def conv1d_to_linear(model: nn.Module) -> nn.Module:
     """Replace every HF ``Conv1D`` by an equivalent ``nn.Linear`` (same math, weight transposed)."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, Conv1D):
                 in_f, out_f = child.weight.shape
@@ -130,3 +130,41 @@ def matmul_flops_by_layer(cfg: ModelConfig) -> dict[str, float]:
         out[f"transformer.h.{i}.mlp.c_proj"] = 2.0 * 4 * d * d
     out["lm_head"] = 2.0 * d * cfg.padded_vocab_size
     return out
+
+
+def load_trained_model(path: str, device: str = "cpu") -> tuple[GPT2LMHeadModel, ModelConfig]:
+    """Rebuild a model from a checkpoint folder (training layout + manifest.json) or an HF export folder.
+
+    Returns the model (eval mode) and its ModelConfig. HF folders load as stock Conv1D GPT-2, which
+    computes the same function, so evaluation code works on either.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from hf_gpt2_train.config import ConfigError
+
+    p = Path(path)
+    if (p / "manifest.json").is_file() and (p / "model.safetensors").is_file():
+        manifest = json.loads((p / "manifest.json").read_text())
+        mcfg = ModelConfig(**manifest["config"]["model"])
+        model = build_model(mcfg)
+        state = load_file(str(p / "model.safetensors"), device="cpu")
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()
+                 if not k.endswith("._extra_state")}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k not in ("lm_head.weight", "transformer.wte.weight")]
+        if missing or unexpected:
+            raise ConfigError(f"{p} does not match its manifest's model shape (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}): pass the checkpoint this run wrote")
+        model.tie_weights()
+    elif (p / "config.json").is_file():
+        model = GPT2LMHeadModel.from_pretrained(str(p))
+        c = model.config
+        mcfg = ModelConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.n_positions,
+                           vocab_size=min(c.vocab_size, 50257), pad_vocab_multiple=1)
+    else:
+        raise ConfigError(f"{p} is neither a checkpoint (manifest.json + model.safetensors) nor an HF model "
+                          "folder (config.json): pass a checkpoint folder or an export")
+    return model.to(device).eval(), mcfg
