@@ -1,0 +1,248 @@
+"""The training loop: ``Trainer.train()`` composes the components, ``Trainer.train_step()`` is one step.
+
+Each component decides when it runs: the tracker logs every ``logging_steps``, the evaluator every
+``eval_steps``, the checkpoint manager saves the tiers that are due. Only logging steps synchronise the
+host with the device (loss, grad norm and the non-finite counter stay on the device otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, set_seed
+
+from hf_gpt2_train.config import Config, ConfigError
+from hf_gpt2_train.model import build_model, flops_per_token, lm_logits, lm_loss
+from hf_gpt2_train.state import TrainerState
+from hf_gpt2_train.tracking import StepTimer, Tracker, device_peak_flops, log, log_with, setup_logging
+
+
+class NonFiniteLossError(RuntimeError):
+    """A non-finite loss/grad norm with --on_nonfinite stop (the update itself was skipped)."""
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup then cosine decay to lr*min_lr_ratio: a pure function of the optimizer step."""
+    o = cfg.optim
+    max_lr, min_lr = o.learning_rate, o.learning_rate * o.min_lr_ratio
+    if step < o.warmup_steps:
+        return max_lr * (step + 1) / o.warmup_steps
+    if step >= o.max_steps:
+        return min_lr
+    ratio = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, decay on 2-D weights only; fused (it also lets a non-finite step be skipped on the device)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    o = cfg.optim
+    return torch.optim.AdamW(groups, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+                             fused=device.type in ("cuda", "cpu"))
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    import hf_gpt2_train
+
+    return {"hf_gpt2_train": hf_gpt2_train.__version__, "torch": torch.__version__,
+            "accelerate": accelerate.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.run.output_dir)
+        dist = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+        cfg.validate(world_size=dist.num_processes)
+        self._refuse_to_clobber()
+
+        from hf_gpt2_train.checkpoint import CheckpointManager, GracefulShutdown
+        from hf_gpt2_train.data.loader import TrainLoader, resolve_data_dir, val_batches
+        from hf_gpt2_train.data.tokenizer import get_encoding
+        from hf_gpt2_train.evaluate import Evaluator
+        from hf_gpt2_train.precision import fp8_coverage, plan_precision, prepare_model_for_precision
+
+        data_dir = resolve_data_dir(cfg.data)  # fails fast, before any output is written
+        self.enc = get_encoding(cfg.data.tokenizer_file)
+
+        self.plan = plan_precision(cfg.precision, cfg.model, dist.device.type)
+        self.accum = cfg.grad_accum_steps(dist.num_processes)
+        self.accelerator = Accelerator(
+            mixed_precision=self.plan.accelerator_mixed_precision,
+            kwargs_handlers=self.plan.kwargs_handlers,
+            gradient_accumulation_steps=self.accum,
+            log_with=log_with(cfg.tracking.report_to),
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "runs")),
+            step_scheduler_with_optimizer=False,
+        )
+        acc = self.accelerator
+        setup_logging(self.output_dir, acc.is_main_process)
+        for w in self.plan.warnings:
+            log.warning(w)
+        if acc.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        set_seed(cfg.run.seed)  # same init on every rank
+        model = prepare_model_for_precision(build_model(cfg.model), self.plan, cfg.precision, cfg.model)
+        optimizer = build_optimizer(model, cfg, acc.device)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        use_compile = cfg.run.compile if cfg.run.compile is not None else acc.device.type == "cuda"
+        # Only the training forward is compiled; eval/sampling/saving use self.model (no _orig_mod.).
+        self.forward = torch.compile(self.model) if use_compile else self.model
+
+        self.state = TrainerState()
+        o = cfg.optim
+        self.train_loader = TrainLoader(data_dir, o.seq_len, o.per_device_train_batch_size, acc.process_index,
+                                        acc.num_processes, cfg.run.seed, cfg.data.shuffle)
+        acc.register_for_checkpointing(self.state)  # custom_checkpoint_0
+        acc.register_for_checkpointing(self.train_loader)  # custom_checkpoint_1
+        self.val_batches = val_batches(data_dir, o.seq_len, o.per_device_train_batch_size, cfg.data.val_batches,
+                                       acc.process_index, acc.num_processes)
+
+        self.run_info: dict[str, Any] = {
+            "config": cfg.to_dict(), "requested_precision": self.plan.requested,
+            "effective_precision": self.plan.effective, "fp8_backend": getattr(self.plan, "backend", None),
+            **fp8_coverage(self.accelerator.unwrap_model(self.model), cfg.model),
+            "world_size": acc.num_processes, "grad_accum_steps": self.accum, "compile": use_compile,
+            "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else platform.processor() or "cpu",
+            "data_dir": str(data_dir), "versions": _versions(),
+        }
+        self.checkpoints = CheckpointManager(acc, cfg.checkpoint, self.output_dir, self.run_info)
+        self.shutdown = GracefulShutdown()
+        self.evaluator = Evaluator(cfg, acc, self.model, self.val_batches, self.enc)
+        self.flops_per_token = flops_per_token(cfg.model, o.seq_len)
+        self.peak_flops = device_peak_flops(acc.device, self.plan.effective, cfg.run.device_peak_tflops)
+        self.nonfinite_steps = torch.zeros((), device=acc.device)
+
+    def _refuse_to_clobber(self) -> None:
+        spec = self.cfg.checkpoint.resume_from_checkpoint
+        has_run = (self.output_dir / "run_info.json").exists() or (self.output_dir / "checkpoints").exists()
+        if has_run and not spec:
+            raise ConfigError(f"{self.output_dir} already holds a run: pass --resume_from_checkpoint latest to "
+                              "continue it, or choose another --output_dir")
+
+    # ---------------------------------------------------------------------------------------- one step
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over grad_accum micro-batches. Returns (loss, grad_norm) on device, and the lr."""
+        acc, model, opt = self.accelerator, self.model, self.optimizer
+        lr = lr_at(self.state.step, self.cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=acc.device)
+        for _ in range(self.accum):
+            x, y = (t.to(acc.device, non_blocking=True) for t in self.train_loader.next_batch())
+            with acc.accumulate(model):  # no gradient all-reduce on non-final micro-steps
+                loss = lm_loss(lm_logits(self.forward, x, self.cfg.model.vocab_size), y)
+                acc.backward(loss)  # Accelerate divides by the accumulation steps
+                loss_sum += loss.detach()
+        loss = loss_sum / self.accum
+        max_norm = self.cfg.optim.max_grad_norm or math.inf
+        grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+        # A non-finite step is skipped on the device by fused AdamW (no host sync): weights stay finite.
+        found_inf = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
+        self.nonfinite_steps += found_inf
+        if acc.scaler is None:
+            opt.optimizer.found_inf = found_inf
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss, grad_norm, lr
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train(self) -> int:
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        resume = self.checkpoints.resolve_resume(cfg.checkpoint.resume_from_checkpoint)
+        if resume is not None:
+            self.checkpoints.load(resume)
+            log.info("resumed from %s at step %d (%s tokens)", resume, state.step, f"{state.tokens_seen:,}")
+        self.run_info["resumed_from"] = str(resume) if resume else None
+        if acc.is_main_process:
+            (self.output_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=2, default=str))
+        log.info("precision: requested %s, running %s (fp8 coverage %.2f); %d process(es), %d accumulation "
+                 "step(s), %s tokens/step", self.plan.requested, self.plan.effective,
+                 self.run_info.get("fp8_coverage", 0.0), acc.num_processes, self.accum,
+                 f"{cfg.optim.total_batch_size:,}")
+        tracker = Tracker(acc, self.output_dir, cfg.run.run_name, self.run_info, state.step, cfg.optim.max_steps)
+        timer, started, wall0 = StepTimer(state.step), time.time(), state.wall_time
+        stopped_by_signal = False
+        with self.shutdown:
+            while state.step < cfg.optim.max_steps:
+                loss, grad_norm, lr = self.train_step()
+                state.step += 1
+                state.tokens_seen += cfg.optim.total_batch_size
+                state.wall_time = wall0 + time.time() - started
+                epoch_ended, state.epoch = self.train_loader.epoch != state.epoch, self.train_loader.epoch
+                final = state.step == cfg.optim.max_steps
+                tracker.advance()
+                if state.step % cfg.tracking.logging_steps == 0 or final:
+                    self._log_train(tracker, timer, loss, grad_norm, lr)
+                val_loss = None
+                if self.evaluator.due(state.step, final):
+                    metrics, samples = self.evaluator.run(state.step)
+                    tracker.log_eval(state.step, metrics, samples)
+                    val_loss = state.last_val_loss = metrics.get("eval/val_loss")
+                stopped_by_signal = self.shutdown.should_stop()
+                self.checkpoints.maybe_save(state, val_loss=val_loss, epoch_ended=epoch_ended, final=final,
+                                            force_latest=stopped_by_signal)
+                if stopped_by_signal:
+                    break
+        tracker.finish()
+        if stopped_by_signal:
+            from hf_gpt2_train.checkpoint import resume_command_hint
+
+            log.warning("stopped by signal at step %d; saved 'latest'. Resume with:\n  %s", state.step,
+                        resume_command_hint(self.output_dir))
+        elif cfg.hub.push_to_hub and acc.is_main_process:
+            from hf_gpt2_train.hub import export_and_push_after_training
+
+            export_and_push_after_training(self.output_dir, cfg)
+        acc.wait_for_everyone()
+        return 0
+
+    def _log_train(self, tracker: Tracker, timer: StepTimer, loss, grad_norm, lr: float) -> None:
+        """The only place the loop waits for the device: reduce, read, check finiteness, log."""
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        loss_mean = acc.reduce(loss.detach().clone(), reduction="mean").item()
+        nonfinite = int(self.nonfinite_steps.item())
+        step_time, _ = timer.lap(state.step)
+        if nonfinite:
+            msg = (f"non-finite loss or grad norm in {nonfinite} step(s) up to step {state.step}; those updates "
+                   "were skipped, weights are from the last finite step")
+            if cfg.optim.on_nonfinite == "stop":
+                raise NonFiniteLossError(f"{msg}: lower --learning_rate, check the data, or pass --on_nonfinite skip")
+            log.warning(msg)
+            self.nonfinite_steps.zero_()
+        tok_s = cfg.optim.total_batch_size / step_time
+        metrics = {
+            "train/loss": loss_mean, "train/lr": lr, "train/grad_norm": float(grad_norm),
+            "perf/tokens_per_sec": tok_s, "perf/step_time_ms": 1000 * step_time,
+            "time/elapsed_hours": state.wall_time / 3600,
+            "time/eta_hours": (cfg.optim.max_steps - state.step) * step_time / 3600,
+        }
+        if self.peak_flops:
+            metrics["perf/mfu"] = self.flops_per_token * tok_s / (self.peak_flops * acc.num_processes)
+        if acc.device.type == "cuda":
+            metrics["perf/peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        tracker.log_train(state.step, metrics)
+
+
+def train(cfg: Config) -> int:
+    return Trainer(cfg).train()
+
