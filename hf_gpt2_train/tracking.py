@@ -16,33 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-# Dense peak TFLOP/s per device (no sparsity). MFU is reported against the peak of the precision
-# the matmuls actually run in; unknown devices report no MFU unless --device_peak_tflops is given.
-PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "H100": {"bf16": 989.0, "fp8": 1979.0},  # SXM; PCIe/NVL differ, pass --device_peak_tflops
-    "H200": {"bf16": 989.0, "fp8": 1979.0},
-    "A100": {"bf16": 312.0},
-    "L40S": {"bf16": 362.0, "fp8": 733.0},
-    "4090": {"bf16": 165.0, "fp8": 330.0},
-}
-
 log = logging.getLogger("hf_gpt2_train")
-
-
-def device_peak_flops(device: torch.device, effective_precision: str, override_tflops: float = 0.0) -> float:
-    """Peak FLOP/s of one device for MFU; 0.0 when unknown (MFU is then not reported)."""
-    if override_tflops > 0:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name(device)
-    kind = "fp8" if effective_precision.startswith("fp8") else "bf16"
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in name:
-            return peaks.get(kind, peaks["bf16"]) * 1e12
-    return 0.0
 
 
 def log_with(report_to: str) -> list[str] | str | None:

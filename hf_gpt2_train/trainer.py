@@ -22,7 +22,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from hf_gpt2_train.config import Config, ConfigError
 from hf_gpt2_train.model import build_model, flops_per_token, lm_logits, lm_loss
 from hf_gpt2_train.state import TrainerState
-from hf_gpt2_train.tracking import StepTimer, Tracker, device_peak_flops, log, log_with, setup_logging
+from hf_gpt2_train.tracking import StepTimer, Tracker, log, log_with, setup_logging
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,16 +76,22 @@ class Trainer:
         from hf_gpt2_train.data.loader import TrainLoader, resolve_data_dir, val_batches
         from hf_gpt2_train.data.tokenizer import get_encoding
         from hf_gpt2_train.evaluate import Evaluator
-        from hf_gpt2_train.precision import fp8_coverage, plan_precision, prepare_model_for_precision
+        from hf_gpt2_train.precision import (
+            describe,
+            fp8_coverage,
+            peak_tflops,
+            plan_precision,
+            precision_info,
+            prepare_model_for_precision,
+        )
 
         data_dir = resolve_data_dir(cfg.data)  # fails fast, before any output is written
         self.enc = get_encoding(cfg.data.tokenizer_file)
 
-        self.plan = plan_precision(cfg.precision, cfg.model, dist.device.type)
+        self.plan = plan_precision(cfg.precision, dist.device.type)
         self.accum = cfg.grad_accum_steps(dist.num_processes)
         self.accelerator = Accelerator(
-            mixed_precision=self.plan.accelerator_mixed_precision,
-            kwargs_handlers=self.plan.kwargs_handlers,
+            **self.plan.accelerator_kwargs(),
             gradient_accumulation_steps=self.accum,
             log_with=log_with(cfg.tracking.report_to),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
@@ -101,7 +107,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         set_seed(cfg.run.seed)  # same init on every rank
-        model = prepare_model_for_precision(build_model(cfg.model), self.plan, cfg.precision, cfg.model)
+        model = prepare_model_for_precision(build_model(cfg.model), self.plan, cfg.precision)
         optimizer = build_optimizer(model, cfg, acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         use_compile = cfg.run.compile if cfg.run.compile is not None else acc.device.type == "cuda"
@@ -117,10 +123,10 @@ class Trainer:
         self.val_batches = val_batches(data_dir, o.seq_len, o.per_device_train_batch_size, cfg.data.val_batches,
                                        acc.process_index, acc.num_processes)
 
+        coverage = fp8_coverage(acc.unwrap_model(self.model), cfg.model, self.plan, o.seq_len)
+        self.precision_line = describe(self.plan, coverage)
         self.run_info: dict[str, Any] = {
-            "config": cfg.to_dict(), "requested_precision": self.plan.requested,
-            "effective_precision": self.plan.effective, "fp8_backend": getattr(self.plan, "backend", None),
-            **fp8_coverage(self.accelerator.unwrap_model(self.model), cfg.model),
+            "config": cfg.to_dict(), **precision_info(self.plan, coverage),
             "world_size": acc.num_processes, "grad_accum_steps": self.accum, "compile": use_compile,
             "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else platform.processor() or "cpu",
             "data_dir": str(data_dir), "versions": _versions(),
@@ -129,7 +135,8 @@ class Trainer:
         self.shutdown = GracefulShutdown()
         self.evaluator = Evaluator(cfg, acc, self.model, self.val_batches, self.enc)
         self.flops_per_token = flops_per_token(cfg.model, o.seq_len)
-        self.peak_flops = device_peak_flops(acc.device, self.plan.effective, cfg.run.device_peak_tflops)
+        peak = peak_tflops(self.plan.effective, self.run_info["device"], cfg.run.device_peak_tflops)
+        self.peak_flops = (peak or 0.0) * 1e12  # unknown device: no MFU rather than a made-up one
         self.nonfinite_steps = torch.zeros((), device=acc.device)
 
     def _refuse_to_clobber(self) -> None:
@@ -175,10 +182,8 @@ class Trainer:
         self.run_info["resumed_from"] = str(resume) if resume else None
         if acc.is_main_process:
             (self.output_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=2, default=str))
-        log.info("precision: requested %s, running %s (fp8 coverage %.2f); %d process(es), %d accumulation "
-                 "step(s), %s tokens/step", self.plan.requested, self.plan.effective,
-                 self.run_info.get("fp8_coverage", 0.0), acc.num_processes, self.accum,
-                 f"{cfg.optim.total_batch_size:,}")
+        log.info("%s; %d process(es), %d accumulation step(s), %s tokens/step", self.precision_line,
+                 acc.num_processes, self.accum, f"{cfg.optim.total_batch_size:,}")
         tracker = Tracker(acc, self.output_dir, cfg.run.run_name, self.run_info, state.step, cfg.optim.max_steps)
         timer, started, wall0 = StepTimer(state.step), time.time(), state.wall_time
         stopped_by_signal = False
