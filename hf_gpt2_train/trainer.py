@@ -214,12 +214,14 @@ class Trainer:
 
             log.warning("stopped by signal at step %d; saved 'latest'. Resume with:\n  %s", state.step,
                         resume_command_hint(self.output_dir))
-        elif cfg.hub.push_to_hub and acc.is_main_process:
+        code = 0
+        if not stopped_by_signal and cfg.hub.push_to_hub and acc.is_main_process:
             from hf_gpt2_train.hub import export_and_push_after_training
 
-            export_and_push_after_training(self.output_dir, cfg)
+            # Training is done and checkpointed; a failed push only changes the exit code (1).
+            code = 0 if export_and_push_after_training(self.output_dir, cfg).ok else 1
         acc.wait_for_everyone()
-        return 0
+        return code
 
     def _log_train(self, tracker: Tracker, timer: StepTimer, loss, grad_norm, lr: float) -> None:
         """The only place the loop waits for the device: reduce, read, check finiteness, log."""
