@@ -2,8 +2,8 @@
 
 Everything here runs on the main process only (Accelerate's trackers already are main-process-only).
 Scalars are named by group (``train/``, ``perf/``, ``eval/``, ``time/``) so TensorBoard groups them.
-After a resume, TensorBoard gets ``purge_step = resumed_step + 1`` and metrics.jsonl is cut at the
-resumed step, so curves continue without doubled points.
+TensorBoard gets ``purge_step = start_step + 1`` at every start and metrics.jsonl is cut at the resumed
+step, so curves continue after a resume without doubled points.
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ class Tracker:
 
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                             disable=not sys.stderr.isatty())
-        init_kwargs = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
+        # purge_step at every start, not only on resume: TensorBoard treats the first START event of a run
+        # as the beginning, so a fresh run must write one for a later resume's purge to take effect.
+        init_kwargs = {"tensorboard": {"purge_step": start_step + 1}}
         if accelerator.log_with:
             accelerator.init_trackers(run_name, config=_flat_hparams(run_info.get("config", {})),
                                       init_kwargs=init_kwargs)
