@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hf_gpt2_train.trainer import NonFiniteLossError
+    from hf_gpt2_train.checkpoint import CheckpointSaveError
+    from hf_gpt2_train.errors import NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     try:
@@ -129,4 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteLossError as e:
         print(f"hf-gpt2-train: training stopped: {e}", file=sys.stderr)
         code = 3
+    except CheckpointSaveError as e:
+        print(f"hf-gpt2-train: checkpoint not saved (earlier checkpoints are intact): {e}", file=sys.stderr)
+        code = 1
     sys.exit(code or 0)

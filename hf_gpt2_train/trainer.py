@@ -20,13 +20,10 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from hf_gpt2_train.config import Config, ConfigError
+from hf_gpt2_train.errors import NonFiniteLossError
 from hf_gpt2_train.model import build_model, flops_per_token, lm_logits, lm_loss
 from hf_gpt2_train.state import TrainerState
 from hf_gpt2_train.tracking import StepTimer, Tracker, log, log_with, setup_logging
-
-
-class NonFiniteLossError(RuntimeError):
-    """A non-finite loss/grad norm with --on_nonfinite stop (the update itself was skipped)."""
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -99,6 +96,11 @@ class Trainer:
             step_scheduler_with_optimizer=False,
         )
         acc = self.accelerator
+        # The manager holds run_info by reference (filled below) and resolves the resume request before
+        # anything is written, so a bad --resume_from_checkpoint leaves the output folder untouched.
+        self.run_info: dict[str, Any] = {"config": cfg.to_dict()}
+        self.checkpoints = CheckpointManager(acc, cfg.checkpoint, self.output_dir, self.run_info)
+        self.resume_path = self.checkpoints.resolve_resume(cfg.checkpoint.resume_from_checkpoint)
         setup_logging(self.output_dir, acc.is_main_process)
         for w in self.plan.warnings:
             log.warning(w)
@@ -125,13 +127,12 @@ class Trainer:
 
         coverage = fp8_coverage(acc.unwrap_model(self.model), cfg.model, self.plan, o.seq_len)
         self.precision_line = describe(self.plan, coverage)
-        self.run_info: dict[str, Any] = {
-            "config": cfg.to_dict(), **precision_info(self.plan, coverage),
+        self.run_info.update({
+            **precision_info(self.plan, coverage),
             "world_size": acc.num_processes, "grad_accum_steps": self.accum, "compile": use_compile,
             "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else platform.processor() or "cpu",
             "data_dir": str(data_dir), "versions": _versions(),
-        }
-        self.checkpoints = CheckpointManager(acc, cfg.checkpoint, self.output_dir, self.run_info)
+        })
         self.shutdown = GracefulShutdown()
         self.evaluator = Evaluator(cfg, acc, self.model, self.val_batches, self.enc)
         self.flops_per_token = flops_per_token(cfg.model, o.seq_len)
@@ -141,7 +142,8 @@ class Trainer:
 
     def _refuse_to_clobber(self) -> None:
         spec = self.cfg.checkpoint.resume_from_checkpoint
-        has_run = (self.output_dir / "run_info.json").exists() or (self.output_dir / "checkpoints").exists()
+        ckpts = self.output_dir / "checkpoints"
+        has_run = (self.output_dir / "run_info.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
         if has_run and not spec:
             raise ConfigError(f"{self.output_dir} already holds a run: pass --resume_from_checkpoint latest to "
                               "continue it, or choose another --output_dir")
@@ -175,10 +177,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
     def train(self) -> int:
         cfg, acc, state = self.cfg, self.accelerator, self.state
-        resume = self.checkpoints.resolve_resume(cfg.checkpoint.resume_from_checkpoint)
-        if resume is not None:
-            self.checkpoints.load(resume)
-            log.info("resumed from %s at step %d (%s tokens)", resume, state.step, f"{state.tokens_seen:,}")
+        resume = self.resume_path
+        if resume is not None:  # load() logs what it loaded (it may fall back past a damaged checkpoint)
+            resume = Path(self.checkpoints.load(resume)["path"])
         self.run_info["resumed_from"] = str(resume) if resume else None
         if acc.is_main_process:
             (self.output_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=2, default=str))

@@ -1,0 +1,248 @@
+"""CheckpointManager against a real Accelerator (CPU, fp32) and a tiny GPT-2: tiers, retention, hard links,
+exact resume, fallback from damaged checkpoints, crash recovery, bad resume specs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from hf_gpt2_train.checkpoint import CheckpointManager, atomic
+from hf_gpt2_train.config import CheckpointConfig, ConfigError, ModelConfig
+from hf_gpt2_train.model import build_model, lm_logits, lm_loss
+from hf_gpt2_train.state import TrainerState
+
+TINY = ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=200, pad_vocab_multiple=64)
+
+
+class Position:
+    """A loader-like registered object: its state is the global position, data is a function of it."""
+
+    def __init__(self) -> None:
+        self.pos = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(1000 + self.pos)
+        self.pos += 1
+        t = torch.randint(0, TINY.vocab_size, (2, 17), generator=g)
+        return t[:, :-1], t[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.pos = d["pos"]
+
+
+class Harness:
+    """What the trainer does, minus data and logging: model, AdamW, TrainerState + loader state registered."""
+
+    def __init__(self, out: Path, model_cfg: ModelConfig = TINY, **ckpt: object) -> None:
+        self.acc = Accelerator(cpu=True)
+        model = build_model(model_cfg, seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        self.model, self.opt = self.acc.prepare(model, opt)
+        self.state, self.loader = TrainerState(), Position()
+        self.acc.register_for_checkpointing(self.state)
+        self.acc.register_for_checkpointing(self.loader)
+        self.cfg = CheckpointConfig(**{"checkpoint_steps": 2, "keep_last": 2, **ckpt})  # type: ignore[arg-type]
+        run_info = {"config": {"model": dict(vars(model_cfg))}, "effective_precision": "no"}
+        self.mgr = CheckpointManager(self.acc, self.cfg, out, run_info)
+
+    def step(self, **save_kw: object) -> float:
+        x, y = self.loader.next_batch()
+        loss = lm_loss(lm_logits(self.model, x, TINY.vocab_size), y)
+        self.acc.backward(loss)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.tokens_seen += x.numel()
+        self.mgr.maybe_save(self.state, **save_kw)  # type: ignore[arg-type]
+        return loss.item()
+
+
+def names(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir()}
+
+
+def step_of(folder: Path) -> int:
+    return json.loads((folder / "manifest.json").read_text())["step"]
+
+
+def test_tiers_retention_and_hard_links(tmp_path: Path) -> None:
+    h = Harness(tmp_path, keep_last=2, milestone_steps=4)
+    val = {3: 5.0, 6: 4.0, 7: 4.5}  # best improves at 3 and 6, not at 7
+    for s in range(1, 11):
+        h.step(val_loss=val.get(s), epoch_ended=(s == 9), final=(s == 10))
+    root = tmp_path / "checkpoints"
+    assert names(root) == {"latest", "latest_backup", "best", "final", "milestone_0000004", "milestone_0000008",
+                           "milestone_0000009", "step_0000008", "step_0000010"}
+    assert [step_of(root / n) for n in ("latest", "latest_backup", "best", "final")] == [10, 8, 6, 10]
+    assert h.state.best_val_loss == 4.0
+    best_state = torch.load(root / "best" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert best_state["best_val_loss"] == 4.0 and best_state["step"] == 6  # updated before it was saved
+    # Tiers of one save share inodes: disk use does not multiply.
+    ino = {n: (root / n / "optimizer.bin").stat().st_ino for n in ("latest", "step_0000010", "final")}
+    assert len(set(ino.values())) == 1
+    folders = list(root.iterdir())
+    by_save = {json.loads((p / "manifest.json").read_text())["save_id"]: p for p in folders}
+    assert len(by_save) == 5  # saves at steps 4, 6, 8, 9, 10 for 9 folders
+    expected = sum(atomic.folder_bytes(p) - (p / "manifest.json").stat().st_size for p in by_save.values()) + \
+        sum((p / "manifest.json").stat().st_size for p in folders)
+    assert atomic.unique_bytes(folders) == expected
+    for p in folders:
+        v = atomic.verify(p)
+        assert v.ok, (p, v.reason)
+        saved_as = "latest" if p.name == "latest_backup" else p.name  # a backup is a rotated latest
+        assert v.manifest["tier"] == saved_as and v.manifest["config"]["model"]["n_embd"] == TINY.n_embd
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+
+
+def test_second_call_at_same_step_links_instead_of_writing(tmp_path: Path) -> None:
+    h = Harness(tmp_path, checkpoint_steps=2)
+    for _ in range(4):
+        h.step()
+    root = tmp_path / "checkpoints"
+    backup_before = (root / "latest_backup" / "model.safetensors").stat().st_ino
+    h.mgr.maybe_save(h.state, final=True)  # the trainer's final call at the step it just saved
+    assert step_of(root / "latest_backup") == 2, "latest must not rotate onto itself"
+    assert (root / "latest_backup" / "model.safetensors").stat().st_ino == backup_before
+    assert (root / "final" / "model.safetensors").stat().st_ino == (root / "latest" / "model.safetensors").stat().st_ino
+
+
+def test_exact_resume_is_bitwise(tmp_path: Path) -> None:
+    straight = Harness(tmp_path / "a", checkpoint_steps=3)
+    losses = [straight.step() for _ in range(6)]
+    first = Harness(tmp_path / "b", checkpoint_steps=3)
+    part1 = [first.step() for _ in range(3)]
+    rng_at_save = torch.get_rng_state()
+    torch.manual_seed(999)  # the resumed process starts with other RNG state and fresh weights
+    resumed = Harness(tmp_path / "b", checkpoint_steps=3)
+    path = resumed.mgr.resolve_resume("latest")
+    manifest = resumed.mgr.load(path)
+    assert manifest["step"] == 3 and resumed.state.step == 3 and resumed.loader.pos == 3
+    assert torch.equal(torch.get_rng_state(), rng_at_save)
+    part2 = [resumed.step() for _ in range(3)]
+    assert part1 + part2 == losses
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _damage(kind: str, folder: Path) -> None:
+    f = folder / "optimizer.bin"
+    if kind == "truncate":
+        with open(f, "r+b") as fh:
+            fh.truncate(f.stat().st_size // 2)
+    elif kind == "delete":
+        f.unlink()
+    elif kind == "manifest":
+        (folder / "manifest.json").unlink()  # as if killed before the manifest was written
+
+
+@pytest.mark.parametrize("kind", ["truncate", "delete", "manifest"])
+def test_damaged_latest_falls_back_to_backup(tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness(tmp_path, checkpoint_steps=2, keep_last=1)
+    for _ in range(6):
+        h.step()
+    root = tmp_path / "checkpoints"
+    if kind != "manifest":  # the same save's rolling folder shares the damaged inode (truncate) or not (delete)
+        shutil.rmtree(root / "step_0000006")
+    _damage(kind, root / "latest")
+    r = Harness(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hf_gpt2_train.checkpoint"):
+        path = r.mgr.resolve_resume("latest")
+    assert path == root / "latest_backup"
+    assert "skipped latest" in caplog.text and {"truncate": "bytes", "delete": "missing",
+                                                "manifest": "did not complete"}[kind] in caplog.text
+    assert r.mgr.load(path)["step"] == 4 and r.state.step == 4
+
+
+def test_same_size_corruption_is_caught_by_sha256_and_falls_back(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness(tmp_path, checkpoint_steps=2, keep_last=1)
+    for _ in range(4):
+        h.step()
+    root = tmp_path / "checkpoints"
+    shutil.rmtree(root / "step_0000004")
+    with open(root / "latest" / "model.safetensors", "r+b") as f:  # flip bytes inside a tensor
+        f.seek(-64, os.SEEK_END)
+        f.write(bytes(64))
+    r = Harness(tmp_path)
+    path = r.mgr.resolve_resume("latest")
+    assert path == root / "latest"  # sizes match: the cheap check passes
+    with caplog.at_level(logging.WARNING, logger="hf_gpt2_train.checkpoint"):
+        manifest = r.mgr.load(path)
+    assert manifest["path"] == str(root / "latest_backup") and r.state.step == 2
+    assert "sha256" in caplog.text and "falling back" in caplog.text
+    # With --no_verify_checkpoint the damaged file is loaded (the user asked for no sha256).
+    r2 = Harness(tmp_path, verify_checkpoint=False)
+    assert r2.mgr.load(r2.mgr.resolve_resume("latest"))["path"] == str(root / "latest")
+
+
+def test_recover_completes_or_undoes_an_interrupted_rotation(tmp_path: Path) -> None:
+    h = Harness(tmp_path, checkpoint_steps=2)
+    for _ in range(4):
+        h.step()
+    root = tmp_path / "checkpoints"
+    # Crash between the renames of a rotation: latest already moved to latest_backup, the new one still .new-.
+    shutil.rmtree(root / "latest_backup")
+    os.rename(root / "latest", root / "latest_backup")
+    atomic.link_tree(root / "step_0000004", root / ".new-latest", {**atomic.read_manifest(root / "step_0000004"),
+                                                                  "tier": "latest"})
+    (root / ".tmp-save").mkdir()  # a save that was killed half-way
+    (root / ".tmp-save" / "model.safetensors").write_bytes(b"partial")
+    r = Harness(tmp_path)
+    assert r.mgr.resolve_resume("latest") == root / "latest"
+    assert step_of(root / "latest") == 4 and not (root / ".tmp-save").exists() and not (root / ".new-latest").exists()
+
+
+def test_resume_specs_and_bad_input(tmp_path: Path) -> None:
+    h = Harness(tmp_path / "run")
+    assert h.mgr.resolve_resume(None) is None and h.mgr.resolve_resume("") is None
+    assert h.mgr.resolve_resume("auto") is None  # nothing yet: start fresh
+    with pytest.raises(ConfigError, match="holds no checkpoint"):
+        h.mgr.resolve_resume("latest")
+    with pytest.raises(ConfigError, match="no such checkpoint folder"):
+        h.mgr.resolve_resume(str(tmp_path / "nope"))
+    for _ in range(4):
+        h.step()
+    with pytest.raises(ConfigError, match="there is no"):
+        Harness(tmp_path / "run").mgr.resolve_resume("best")  # no evaluation yet, so no best
+    assert Harness(tmp_path / "run").mgr.resolve_resume("auto") == tmp_path / "run" / "checkpoints" / "latest"
+    r = Harness(tmp_path / "run")
+    assert r.mgr.resolve_resume("backup") == tmp_path / "run" / "checkpoints" / "latest_backup"
+    assert r.mgr.resolve_resume("step_0000002") == tmp_path / "run" / "checkpoints" / "step_0000002"
+    assert r.mgr.resolve_resume(str(tmp_path / "run")) == tmp_path / "run" / "checkpoints" / "latest"
+    other = Harness(tmp_path / "other", model_cfg=ModelConfig(**{**vars(TINY), "n_embd": 64}))
+    with pytest.raises(ConfigError, match="n_embd=32 \\(this run: 64\\)"):
+        other.mgr.load(other.mgr.resolve_resume(str(tmp_path / "run" / "checkpoints" / "latest")))
+    assert not (tmp_path / "other").exists(), "a refused resume writes nothing"
+
+
+def test_best_only_when_val_loss_improves(tmp_path: Path) -> None:
+    h = Harness(tmp_path, checkpoint_steps=0)
+    h.step(val_loss=float("nan"))
+    h.step(val_loss=2.0)
+    h.step(val_loss=2.5)
+    root = tmp_path / "checkpoints"
+    assert names(root) == {"best"} and step_of(root / "best") == 2
+
+
+def test_resumed_from_checkpoint_is_never_rotated_out(tmp_path: Path) -> None:
+    h = Harness(tmp_path, checkpoint_steps=2, keep_last=2)
+    for _ in range(4):
+        h.step()
+    root = tmp_path / "checkpoints"
+    r = Harness(tmp_path, checkpoint_steps=2, keep_last=1)
+    r.mgr.load(r.mgr.resolve_resume("step_0000002"))  # roll back to an earlier rolling checkpoint
+    for _ in range(6):
+        r.step()
+    assert (root / "step_0000002").is_dir() and atomic.verify(root / "step_0000002").ok
+    rolling = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
+    assert rolling == ["step_0000002", "step_0000008"]  # keep_last=1 plus the protected resume point
