@@ -118,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hf_gpt2_train.checkpoint import CheckpointSaveError
-    from hf_gpt2_train.errors import NonFiniteLossError
+    from hf_gpt2_train.errors import CheckpointSaveError, NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     try:

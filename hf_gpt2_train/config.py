@@ -253,19 +253,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-xl": {"model": {"n_layer": 48, "n_head": 25, "n_embd": 1600}, "optim": {"per_device_train_batch_size": 8}},
     # A tiny GPT-2 that visibly learns on 2 CPU cores in about two minutes, on the embedded corpus.
     "quickstart": {
-        "model": {"n_layer": 2, "n_head": 4, "n_embd": 128, "n_positions": 128},
+        "model": {"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 128},
         "optim": {
-            "max_steps": 200,
-            "learning_rate": 3e-3,
-            "warmup_steps": 20,
-            "total_batch_size": 4096,
+            "max_steps": 120,
+            "learning_rate": 4e-3,
+            "warmup_steps": 10,
+            "total_batch_size": 1024,
             "per_device_train_batch_size": 16,
-            "seq_len": 128,
+            "seq_len": 64,
         },
         "data": {"val_batches": 4},
-        "checkpoint": {"checkpoint_steps": 50},
+        "checkpoint": {"checkpoint_steps": 40},
         "tracking": {"logging_steps": 10},
-        "eval": {"eval_steps": 100, "hellaswag_limit": 200, "sample_max_new_tokens": 24},
+        "eval": {"eval_steps": 60, "hellaswag_limit": 100, "sample_max_new_tokens": 24},
     },
 }
 

@@ -7,4 +7,11 @@ class NonFiniteLossError(RuntimeError):
     """A non-finite loss/grad norm with --on_nonfinite stop (the update itself was skipped): exit 3."""
 
 
-__all__ = ["ConfigError", "NonFiniteLossError"]
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable folder, ...); earlier checkpoints are intact.
+
+    Raised on every rank; the trainer lets it propagate so the run stops with a non-zero exit (1).
+    """
+
+
+__all__ = ["CheckpointSaveError", "ConfigError", "NonFiniteLossError"]

@@ -35,7 +35,7 @@ def test_precedence_preset_then_yaml_then_cli(tmp_path):
     y.write_text("preset: quickstart\noptim:\n  learning_rate: 1.0e-3\n  max_steps: 7\nseed: 5\n")
     args = build_parser().parse_args(["train", "--config", str(y), "--max_steps", "9", "--output_dir", str(tmp_path)])
     cfg = config_from_args(args)
-    assert cfg.preset == "quickstart" and cfg.model.n_embd == 128  # from the preset named in YAML
+    assert cfg.preset == "quickstart" and cfg.model.n_embd == 64  # from the preset named in YAML
     assert cfg.optim.learning_rate == 1e-3 and cfg.run.seed == 5  # YAML (nested and flat keys)
     assert cfg.optim.max_steps == 9  # CLI wins
 

@@ -16,15 +16,15 @@ from typing import Any
 
 from hf_gpt2_train.checkpoint.atomic import CheckpointInvalid, Verification, read_manifest, verify
 from hf_gpt2_train.checkpoint.cli import register_cli
+from hf_gpt2_train.errors import CheckpointSaveError
 
 _LAZY = {
     "CheckpointManager": "manager",
-    "CheckpointSaveError": "manager",
     "GracefulShutdown": "shutdown",
     "resume_command_hint": "shutdown",
 }
 
-__all__ = ["CheckpointInvalid", "Verification", "read_manifest", "register_cli", "verify", *_LAZY]
+__all__ = ["CheckpointInvalid", "CheckpointSaveError", "Verification", "read_manifest", "register_cli", "verify", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

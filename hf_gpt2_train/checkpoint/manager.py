@@ -34,19 +34,13 @@ from hf_gpt2_train.checkpoint import atomic
 from hf_gpt2_train.checkpoint.atomic import MANIFEST, TMP_SAVE, CheckpointInvalid
 from hf_gpt2_train.checkpoint.sync import LaggedAnyFlag, any_rank, broadcast_from_main, distributed
 from hf_gpt2_train.config import CheckpointConfig, ConfigError
+from hf_gpt2_train.errors import CheckpointSaveError
 from hf_gpt2_train.state import TrainerState
 
 logger = logging.getLogger("hf_gpt2_train.checkpoint")
 
 # Model fields whose change makes a checkpoint unloadable (dropout etc. may change on resume).
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "pad_vocab_multiple")
-
-
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint could not be written (disk full, unwritable folder, ...); earlier checkpoints are intact.
-
-    Raised on every rank; the trainer lets it propagate so the run stops with a non-zero exit.
-    """
 
 
 class _DropTiedWeightNotice(logging.Filter):
