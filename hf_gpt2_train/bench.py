@@ -1,0 +1,346 @@
+"""`hf-gpt2-train bench`: throughput, MFU, step time and peak memory of our real training step, against a plain
+PyTorch loop over the same model, batches, fused AdamW, accumulation and clipping (no Accelerate), in one run.
+
+For each precision both loops are built and run ``--warmup`` untimed steps each (compile, allocator, caches);
+then they run in alternating timed segments of ``--steps`` optimizer steps (ours, plain, plain, ours, ...: each
+repeat flips the order, so slow drift of a shared or throttling machine hits both alike; with ``--steps 1``, the
+CPU default, the loops alternate step by step). Reported step times are medians over the repeats; ``overhead_ratio`` is the median of the
+per-repeat ratios ours/plain. Peak memory (CUDA only) is each loop's own: its parameters + optimizer state + the
+peak its steps add on top of what was allocated before (both loops live on the device together, so the raw
+device peak would count the other loop's weights too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import gc
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_gpt2_train.config import Config, ConfigError
+from hf_gpt2_train.model import build_model, flops_per_token, lm_logits, lm_loss
+from hf_gpt2_train.precision import (
+    PrecisionPlan,
+    detect_device_type,
+    fp8_module_filter,
+    mfu,
+    peak_tflops,
+    plan_precision,
+    prepare_model_for_precision,
+)
+
+# --precisions names -> PrecisionConfig fields.
+PRECISION_SPECS: dict[str, dict[str, Any]] = {
+    "no": {"mixed_precision": "no"},
+    "fp16": {"mixed_precision": "fp16"},
+    "bf16": {"mixed_precision": "bf16"},
+    "fp8": {"mixed_precision": "fp8", "fp8_backend": "auto"},
+    "fp8-te": {"mixed_precision": "fp8", "fp8_backend": "te"},
+    "fp8-ao": {"mixed_precision": "fp8", "fp8_backend": "ao"},
+    "fp8-ao-emulated": {"mixed_precision": "fp8", "fp8_backend": "ao", "fp8_emulate": True},
+}
+BENCH_ARGS = ("precisions", "steps", "warmup", "repeats", "output", "sequential")
+
+
+@dataclass
+class LoopStats:
+    """Timed segments of one loop."""
+
+    step_times: list[float] = field(default_factory=list)
+    peak_bytes: list[int] = field(default_factory=list)
+
+    def summary(self, tokens_per_step: int, fpt: float, peak: float | None) -> dict[str, Any]:
+        t = statistics.median(self.step_times)
+        tok_s = tokens_per_step / t
+        m = mfu(tok_s, fpt, peak)
+        return {"tokens_per_sec": tok_s, "step_time_ms": 1000 * t, "mfu": m,
+                "peak_memory_gb": max(self.peak_bytes) / 2**30 if self.peak_bytes else None,
+                "step_times_ms": [1000 * s for s in self.step_times]}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _static_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes held between steps: parameters and optimizer state (grads are freed by zero_grad(set_to_none))."""
+    seen: set[int] = set()
+    total = 0
+    tensors = list(model.parameters()) + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    for t in tensors:
+        if id(t) not in seen and t.device.type == "cuda":
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+class PlainLoop:
+    """The baseline a careful user would write by hand: no Accelerate, same model, data, optimizer and math."""
+
+    def __init__(self, cfg: Config, plan: PrecisionPlan, loader: Any, accum: int, device: torch.device,
+                 compile_model: bool):
+        from hf_gpt2_train.trainer import build_optimizer
+
+        self.cfg, self.loader, self.accum, self.device = cfg, loader, accum, device
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg.model)
+        if plan.effective == "fp8-ao":  # what Accelerate's prepare() does for us, done with torchao directly
+            from torchao.float8 import convert_to_float8_training
+
+            convert_to_float8_training(model, config=plan.kwargs_handlers[0].config, module_filter_fn=partial(
+                fp8_module_filter, lm_head=plan.lm_head, min_dim=plan.min_dim))
+        else:
+            prepare_model_for_precision(model, plan, cfg.precision)
+        self.model = model.to(device)
+        self.optimizer = build_optimizer(self.model, cfg, device)
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        mp = plan.accelerator_mixed_precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(mp)
+        self.scaler = torch.amp.GradScaler(device.type) if mp == "fp16" else None
+
+    def train_step(self) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.accum):
+            x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                loss = lm_loss(lm_logits(self.forward, x, self.cfg.model.vocab_size), y)
+            scaled = loss / self.accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm or math.inf)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.accum
+
+
+def _segment(step_fn, static: int, steps: int, device: torch.device, stats: LoopStats) -> None:
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    _sync(device)
+    stats.step_times.append((time.perf_counter() - t0) / steps)
+    if device.type == "cuda":
+        stats.peak_bytes.append(static + torch.cuda.max_memory_allocated(device) - before)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def _reset_accelerate() -> None:
+    """Each precision builds its own Accelerator; Accelerate keeps process-wide state that refuses a second
+    mixed precision, so drop it (the distributed PartialState stays). Dynamo's caches go too, or the
+    recompile limit would silently send later models to eager mode."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_precision(base: Config, name: str, steps: int, warmup: int, repeats: int, sequential: bool,
+                    workdir: Path) -> dict[str, Any]:
+    """Measure one precision: our Trainer.train_step against PlainLoop.train_step."""
+    from hf_gpt2_train.trainer import Trainer
+
+    cfg = copy.deepcopy(base)
+    for k, v in PRECISION_SPECS[name].items():
+        setattr(cfg.precision, k, v)
+    cfg.run.output_dir = str(workdir / name)
+    device_type = detect_device_type()
+    plan = plan_precision(cfg.precision, device_type)
+    if plan.fell_back:
+        return {"requested": name, "effective_precision": plan.effective, "skipped": "; ".join(plan.warnings)}
+    _reset_accelerate()
+    trainer = Trainer(cfg)
+    if trainer.plan.effective != plan.effective:
+        raise RuntimeError(f"trainer chose {trainer.plan.effective}, bench planned {plan.effective}")
+    device = trainer.accelerator.device
+    compile_model = bool(trainer.run_info["compile"])
+    accum = trainer.accum
+    ours_static = _static_bytes(trainer.model, trainer.optimizer)
+    ours, plain = LoopStats(), LoopStats()
+    plain_loop: PlainLoop | None = None
+
+    def run_plain(loop: PlainLoop) -> None:
+        _segment(loop.train_step, _static_bytes(loop.model, loop.optimizer), steps, device, plain)
+
+    if sequential:
+        for _ in range(warmup):
+            trainer.train_step()
+        for _ in range(repeats):
+            _segment(trainer.train_step, ours_static, steps, device, ours)
+    else:
+        plain_loop = PlainLoop(cfg, plan, trainer.train_loader, accum, device, compile_model)
+        for _ in range(warmup):  # compile both and touch all memory before any timed segment
+            trainer.train_step()
+            plain_loop.train_step()
+        for r in range(repeats):
+            for which in (("ours", "plain") if r % 2 == 0 else ("plain", "ours")):
+                if which == "ours":
+                    _segment(trainer.train_step, ours_static, steps, device, ours)
+                else:
+                    run_plain(plain_loop)
+    info = {k: trainer.run_info.get(k) for k in ("effective_precision", "fp8_backend", "fp8_coverage",
+                                                   "fp8_block_coverage")}
+    if sequential:  # one model on the device at a time (large presets): ours first, then the plain loop
+        loader = trainer.train_loader
+        del trainer
+        _reset_accelerate()
+        plain_loop = PlainLoop(cfg, plan, loader, accum, device, compile_model)
+        for _ in range(warmup):
+            plain_loop.train_step()
+        for _ in range(repeats):
+            run_plain(plain_loop)
+    tokens_per_step = cfg.optim.total_batch_size
+    fpt = flops_per_token(cfg.model, cfg.optim.seq_len)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    peak = peak_tflops(plan.effective, device_name, cfg.run.device_peak_tflops)
+    result: dict[str, Any] = {"requested": name, **info, **ours.summary(tokens_per_step, fpt, peak),
+                              "plain": plain.summary(tokens_per_step, fpt, peak), "peak_tflops": peak,
+                              "grad_accum_steps": accum, "compile": compile_model}
+    if sequential:
+        result["overhead_ratio"] = result["step_time_ms"] / result["plain"]["step_time_ms"]
+    else:
+        result["overhead_ratio"] = statistics.median(a / b for a, b in zip(ours.step_times, plain.step_times,
+                                                                           strict=True))
+    del plain_loop
+    _reset_accelerate()
+    return result
+
+
+def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repeats: int,
+              sequential: bool = False) -> dict[str, Any]:
+    """Benchmark each precision; returns the JSON document (see docs/benchmarks.md for its fields)."""
+    from accelerate import PartialState
+
+    unknown = [p for p in precisions if p not in PRECISION_SPECS]
+    if unknown:
+        raise ConfigError(f"unknown precision(s) {', '.join(unknown)} for --precisions: choose from "
+                          f"{', '.join(PRECISION_SPECS)}")
+    if steps < 1 or warmup < 0 or repeats < 1:
+        raise ConfigError("--steps and --repeats must be >= 1 and --warmup >= 0")
+    if PartialState().num_processes > 1:
+        raise ConfigError("bench measures one process: run it with python/hf-gpt2-train, not accelerate launch "
+                          "or torchrun")
+    cfg.tracking.report_to = "none"
+    cfg.eval.hellaswag = False
+    cfg.eval.eval_steps = 0
+    cfg.validate(world_size=1)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="hf-gpt2-bench-") as tmp:
+        for name in precisions:
+            results[name] = bench_precision(cfg, name, steps, warmup, repeats, sequential, Path(tmp))
+    measured = [r["overhead_ratio"] for r in results.values() if "overhead_ratio" in r]
+    device = detect_device_type()
+    return {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"{_cpu_name()}, {torch.get_num_threads()} "
+                  "threads",
+        "preset": cfg.preset, "model": dict(vars(cfg.model)), "seq_len": cfg.optim.seq_len,
+        "micro_batch_size": cfg.optim.per_device_train_batch_size, "tokens_per_step": cfg.optim.total_batch_size,
+        "steps": steps, "warmup": warmup, "repeats": repeats, "sequential": sequential,
+        "versions": {"torch": torch.__version__},
+        "overhead_ratio": max(measured) if measured else None,
+        "precisions": results,
+    }
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    head = (f"{'precision':16s} {'effective':16s} {'tok/s':>10s} {'plain tok/s':>11s} {'ms/step':>9s} "
+            f"{'plain ms':>9s} {'overhead':>8s} {'MFU':>6s} {'peak GB':>8s} {'fp8 cov':>7s}")
+    lines = [f"bench on {doc['device']}: preset {doc['preset'] or '-'}, {doc['tokens_per_step']:,} tokens/step, "
+             f"{doc['steps']} steps x {doc['repeats']} repeats (medians)", head, "-" * len(head)]
+    for name, r in doc["precisions"].items():
+        if "skipped" in r:
+            lines.append(f"{name:16s} skipped: {r['skipped']}")
+            continue
+        p = r["plain"]
+        lines.append(f"{name:16s} {r['effective_precision']:16s} {r['tokens_per_sec']:10,.0f} "
+                     f"{p['tokens_per_sec']:11,.0f} {r['step_time_ms']:9.1f} {p['step_time_ms']:9.1f} "
+                     f"{r['overhead_ratio']:7.3f}x {f(r['mfu'], '6.1%')} {f(r['peak_memory_gb'], '8.2f')} "
+                     f"{f(r['fp8_coverage'] if r['fp8_backend'] else None, '7.1%')}")
+    if doc["overhead_ratio"] is not None:
+        lines.append(f"overhead_ratio (worst over precisions, ours/plain step time): {doc['overhead_ratio']:.3f}")
+    return "\n".join(lines)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from hf_gpt2_train.cli import config_from_args
+
+    on_gpu = detect_device_type() == "cuda"
+    rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in BENCH_ARGS})
+    if not getattr(rest, "preset", "") and not getattr(rest, "config", ""):
+        rest.preset = "gpt2" if on_gpu else "quickstart"
+    cfg: Config = config_from_args(rest)
+    precisions = [p.strip() for p in (args.precisions or ("bf16,fp8-te,fp8-ao" if on_gpu else "no")).split(",")
+                  if p.strip()]
+    steps = args.steps or (10 if on_gpu else 1)
+    repeats = args.repeats or (5 if on_gpu else 8)
+    warmup = args.warmup if args.warmup >= 0 else (3 if on_gpu else 1)
+    doc = run_bench(cfg, precisions, steps, warmup, repeats, args.sequential)
+    print(format_table(doc))
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add the `bench` subcommand (takes every training config flag too, e.g. --per_device_train_batch_size)."""
+    from hf_gpt2_train.cli import add_config_flags
+
+    p = subparsers.add_parser("bench", help="Throughput/MFU of our training step vs a plain PyTorch loop.",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--precisions", default=None, help="Comma-separated: " + ", ".join(PRECISION_SPECS)
+                   + " (default: bf16,fp8-te,fp8-ao on a GPU, no on CPU). Ones that cannot run here are "
+                   "reported as skipped.")
+    p.add_argument("--steps", type=int, default=0, help="Timed optimizer steps per segment (default 10 GPU, 1 CPU).")
+    p.add_argument("--warmup", type=int, default=-1, help="Untimed steps of each loop before timing (compile, "
+                   "allocator; default 3 GPU, 1 CPU).")
+    p.add_argument("--repeats", type=int, default=0, help="Segments per loop, alternating ours/plain (default 5 GPU, "
+                   "8 CPU).")
+    p.add_argument("--output", default="", help="Write the results as JSON to this file.")
+    p.add_argument("--sequential", action="store_true", help="Run ours, then the plain loop, with one model on "
+                   "the device at a time (for presets too large for two copies); no alternation.")
+    add_config_flags(p)
+    p.set_defaults(func=_cmd_bench)
