@@ -243,7 +243,11 @@ class CheckpointManager:
             hasher.start()
         load_error: BaseException | None = None
         try:
-            self.accelerator.load_state(str(cand))
+            # TransformerEngine layers carry fp8 metadata as extra `*._extra_state` keys, so a checkpoint moving
+            # between a TE run and a non-TE run loads non-strictly; the manifest shape check above already
+            # guarantees every weight matches.
+            te = "fp8-te" in (manifest.get("effective_precision"), self.run_info.get("effective_precision"))
+            self.accelerator.load_state(str(cand), strict=not te)
         except ConfigError:
             raise  # e.g. the loader refusing another data set: the same on every rank, not damage
         except Exception as e:  # a corrupt file that still has the right size, or a shape mismatch
