@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import Any
 
-from hf_gpt2_train.config import SECTIONS, ConfigError, build_config, field_docs
+from hf_gpt2_train.config import SECTIONS, ConfigError, build_config, field_docs, parse_bool
 
 # The original system's flags, kept working: alias -> (field, value or None to take the given value).
 ALIASES: dict[str, tuple[str, Any]] = {
@@ -27,13 +27,12 @@ SUBCOMMAND_MODULES = ("hf_gpt2_train.data.prepare", "hf_gpt2_train.evaluate", "h
                       "hf_gpt2_train.hub", "hf_gpt2_train.bench")
 
 
-def _bool(v: str) -> bool:
-    s = v.lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+def bool_arg(v: str) -> bool:
+    """argparse type for true/false flags."""
+    try:
+        return parse_bool(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -49,7 +48,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             help_text = f"{docs.get(f.name, '')} (default: {default})"
             if t.startswith("bool"):
-                g.add_argument(f"--{f.name}", nargs="?", const=True, type=_bool, default=argparse.SUPPRESS,
+                g.add_argument(f"--{f.name}", nargs="?", const=True, type=bool_arg, default=argparse.SUPPRESS,
                                metavar="BOOL", help=help_text)
                 g.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
                                help=argparse.SUPPRESS)

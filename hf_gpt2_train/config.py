@@ -293,6 +293,18 @@ def flat_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     return out
 
 
+def parse_bool(value: Any) -> bool:
+    """true/false, yes/no, on/off, 1/0 (any case); ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    s = str(value).lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {value!r}")
+
+
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     t = str(f.type)
     if value is None:
@@ -301,14 +313,7 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         raise ConfigError(f"{where}: {f.name} may not be null")
     try:
         if t.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            s = str(value).lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
+            return parse_bool(value)
         if t.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

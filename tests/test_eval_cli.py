@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path
     """A real 2-step quickstart run whose final evaluation (val loss + HellaSwag) is in metrics.jsonl."""
     out = tmp_path_factory.mktemp("evalcli") / "run"
     run_cli("train", "--preset", "quickstart", "--output_dir", str(out), "--max_steps", "2",
-            "--total_batch_size", "1024", "--per_device_train_batch_size", "8", "--val_batches", "2",
+            "--total_batch_size", "1024", "--per_device_train_batch_size", "8", "--seq_len", "128", "--val_batches", "2",
             "--hellaswag_path", str(shared_data / "hellaswag_val.jsonl"), "--hellaswag_limit", str(LIMIT),
             "--sample_max_new_tokens", "4", "--report_to", "none", check=True)
     return out

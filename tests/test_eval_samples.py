@@ -64,8 +64,9 @@ def test_padded_vocab_rows_never_sampled(enc) -> None:
         m.transformer.ln_f.weight.zero_()
         m.transformer.ln_f.bias.fill_(1.0)  # every final hidden state is all-ones
         m.transformer.wte.weight[50257:] = 1.0  # (tied lm_head) padded logits = 64, real ones ~ +-0.2
-        full = m(input_ids=torch.tensor([[0]])).logits[0, -1]
-    assert m.config.vocab_size == 50304 and full.argmax().item() >= 50257  # unsliced logits would pick them
+        hidden = m.transformer(input_ids=torch.tensor([[0]])).last_hidden_state[0, -1]
+        full = hidden @ m.lm_head.weight.t()  # logits over all 50304 rows of the padded head
+    assert m.config.vocab_size == 50304 and full.argmax().item() >= 50257  # unmasked padded rows would win
     ids = sample_token_ids(m, [enc.encode(p) for p in PROMPTS], 20, 0, seed=3, vocab_size=50257, device="cpu")
     flat = [t for row in ids for t in row]
     assert len(flat) == 40 and max(flat) < 50257

@@ -147,6 +147,7 @@ def make_trained_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path
     run_cli("train", "--preset", "quickstart", "--output_dir", str(out), "--max_steps", str(TRAIN_STEPS),
             "--eval_steps", str(EVAL_STEPS), "--checkpoint_steps", str(EVAL_STEPS), "--logging_steps", "2",
             "--warmup_steps", "2", "--total_batch_size", str(BATCH_TOKENS), "--per_device_train_batch_size", "8",
+            "--n_embd", "128", "--seq_len", "128",  # pinned: the export tests check these shapes
             "--val_batches", "2", "--hellaswag_path", str(shared_data / "hellaswag_val.jsonl"),
             "--hellaswag_limit", "8", "--report_to", "none", "--push_to_hub", "--hub_model_id", RUN_REPO,
             env=_clean_env(env), check=True)

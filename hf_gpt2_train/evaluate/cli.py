@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hf_gpt2_train.cli import bool_arg
 from hf_gpt2_train.config import ConfigError
 
 
@@ -30,13 +31,12 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
-def _bool(v: str) -> bool:
-    s = v.lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+def _training_seq_len(path: Path) -> int:
+    """The seq_len the checkpoint was trained with (so val_loss matches the trainer's), 0 if unknown."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return 0
+    return int(json.loads(manifest.read_text()).get("config", {}).get("optim", {}).get("seq_len", 0))
 
 
 def register_cli(subparsers: Any) -> None:
@@ -52,7 +52,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--seq_len", type=_int_at_least(0), default=0,
                    help="Tokens per val sequence (0: the model's context, at most 1024).")
     p.add_argument("--batch_size", type=_int_at_least(1), default=8, help="Sequences per val micro-batch.")
-    p.add_argument("--hellaswag", type=_bool, nargs="?", const=True, default=True, metavar="BOOL",
+    p.add_argument("--hellaswag", type=bool_arg, nargs="?", const=True, default=True, metavar="BOOL",
                    help="Score HellaSwag.")
     p.add_argument("--no_hellaswag", dest="hellaswag", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--hellaswag_path", default="", help="Local hellaswag_val.jsonl (else downloaded once to the cache).")
@@ -106,7 +106,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     if data_dir is not None:
         from hf_gpt2_train.data.loader import val_batches
 
-        seq_len = args.seq_len or min(mcfg.n_positions, 1024)
+        seq_len = args.seq_len or _training_seq_len(path) or min(mcfg.n_positions, 1024)
         if seq_len > mcfg.n_positions:
             raise ConfigError(f"--seq_len {seq_len} exceeds the model's context {mcfg.n_positions}: lower --seq_len")
         batches = val_batches(data_dir, seq_len, args.batch_size, args.val_batches, acc.process_index,
