@@ -126,9 +126,11 @@ class CheckpointConfig:
     milestone_steps: int = 0
     """Keep a milestone every N steps, never deleted (0: off; epoch ends are always milestones)."""
     resume_from_checkpoint: str | None = None
-    """'latest', 'best', 'backup', 'auto' (latest if any, else fresh) or a checkpoint PATH."""
+    """'latest', 'best', 'backup', 'auto' (latest if any, else fresh), 'hub' (the Hub repo's last-checkpoint/, needs --hub_model_id) or a checkpoint PATH."""
     verify_checkpoint: bool = True
     """Verify sha256 of checkpoint files on load (sizes are always checked)."""
+    async_checkpoint: bool = True
+    """Write checkpoints in a background thread: training pauses only to copy the state to host memory (one extra copy of weights + optimizer state in RAM)."""
 
 
 @dataclass
@@ -167,6 +169,8 @@ class HubConfig:
     """Create the Hub repository as private."""
     hub_token: str = ""
     """Hub token (else HF_TOKEN or the saved login)."""
+    hub_strategy: str = "every_save"
+    """With --push_to_hub, what is pushed while training (transformers Trainer's meanings): 'end' (only the final export), 'every_save' (the export at each save), 'checkpoint' (also the latest checkpoint in last-checkpoint/, to resume from), 'all_checkpoints' (every checkpoint in its own folder). Uploads run in the background."""
 
 
 SECTIONS: dict[str, type] = {
@@ -239,6 +243,10 @@ class Config:
             p.append("keep_last must be >= 1")
         if self.hub.push_to_hub and not self.hub.hub_model_id:
             p.append("--push_to_hub needs --hub_model_id USER/NAME")
+        if self.hub.hub_strategy not in ("end", "every_save", "checkpoint", "all_checkpoints"):
+            p.append(f"hub_strategy must be end/every_save/checkpoint/all_checkpoints, not {self.hub.hub_strategy!r}")
+        if str(self.checkpoint.resume_from_checkpoint or "").strip().lower() == "hub" and not self.hub.hub_model_id:
+            p.append("--resume_from_checkpoint hub needs --hub_model_id USER/NAME (the repository to resume from)")
         if p:
             raise ConfigError("; ".join(p))
 

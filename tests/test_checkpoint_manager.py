@@ -66,6 +66,12 @@ class Harness:
         self.mgr.maybe_save(self.state, **save_kw)  # type: ignore[arg-type]
         return loss.item()
 
+    def steps(self, n: int) -> None:
+        """``n`` steps, then wait for the save in flight (saves are asynchronous, as in a real run)."""
+        for _ in range(n):
+            self.step()
+        self.mgr.wait()
+
 
 def names(root: Path) -> set[str]:
     return {p.name for p in root.iterdir()}
@@ -106,8 +112,7 @@ def test_tiers_retention_and_hard_links(tmp_path: Path) -> None:
 
 def test_second_call_at_same_step_links_instead_of_writing(tmp_path: Path) -> None:
     h = Harness(tmp_path, checkpoint_steps=2)
-    for _ in range(4):
-        h.step()
+    h.steps(4)
     root = tmp_path / "checkpoints"
     backup_before = (root / "latest_backup" / "model.safetensors").stat().st_ino
     h.mgr.maybe_save(h.state, final=True)  # the trainer's final call at the step it just saved
@@ -121,6 +126,7 @@ def test_exact_resume_is_bitwise(tmp_path: Path) -> None:
     losses = [straight.step() for _ in range(6)]
     first = Harness(tmp_path / "b", checkpoint_steps=3)
     part1 = [first.step() for _ in range(3)]
+    first.mgr.wait()
     rng_at_save = torch.get_rng_state()
     torch.manual_seed(999)  # the resumed process starts with other RNG state and fresh weights
     resumed = Harness(tmp_path / "b", checkpoint_steps=3)
@@ -148,8 +154,7 @@ def _damage(kind: str, folder: Path) -> None:
 @pytest.mark.parametrize("kind", ["truncate", "delete", "manifest"])
 def test_damaged_latest_falls_back_to_backup(tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
     h = Harness(tmp_path, checkpoint_steps=2, keep_last=1)
-    for _ in range(6):
-        h.step()
+    h.steps(6)
     root = tmp_path / "checkpoints"
     if kind != "manifest":  # the same save's rolling folder shares the damaged inode (truncate) or not (delete)
         shutil.rmtree(root / "step_0000006")
@@ -166,8 +171,7 @@ def test_damaged_latest_falls_back_to_backup(tmp_path: Path, kind: str, caplog: 
 def test_same_size_corruption_is_caught_by_sha256_and_falls_back(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     h = Harness(tmp_path, checkpoint_steps=2, keep_last=1)
-    for _ in range(4):
-        h.step()
+    h.steps(4)
     root = tmp_path / "checkpoints"
     shutil.rmtree(root / "step_0000004")
     with open(root / "latest" / "model.safetensors", "r+b") as f:  # flip bytes inside a tensor
@@ -187,8 +191,7 @@ def test_same_size_corruption_is_caught_by_sha256_and_falls_back(tmp_path: Path,
 
 def test_recover_completes_or_undoes_an_interrupted_rotation(tmp_path: Path) -> None:
     h = Harness(tmp_path, checkpoint_steps=2)
-    for _ in range(4):
-        h.step()
+    h.steps(4)
     root = tmp_path / "checkpoints"
     # Crash between the renames of a rotation: latest already moved to latest_backup, the new one still .new-.
     shutil.rmtree(root / "latest_backup")
@@ -210,8 +213,7 @@ def test_resume_specs_and_bad_input(tmp_path: Path) -> None:
         h.mgr.resolve_resume("latest")
     with pytest.raises(ConfigError, match="no such checkpoint folder"):
         h.mgr.resolve_resume(str(tmp_path / "nope"))
-    for _ in range(4):
-        h.step()
+    h.steps(4)
     with pytest.raises(ConfigError, match="there is no"):
         Harness(tmp_path / "run").mgr.resolve_resume("best")  # no evaluation yet, so no best
     assert Harness(tmp_path / "run").mgr.resolve_resume("auto") == tmp_path / "run" / "checkpoints" / "latest"
@@ -230,19 +232,37 @@ def test_best_only_when_val_loss_improves(tmp_path: Path) -> None:
     h.step(val_loss=float("nan"))
     h.step(val_loss=2.0)
     h.step(val_loss=2.5)
+    h.mgr.wait()
     root = tmp_path / "checkpoints"
     assert names(root) == {"best"} and step_of(root / "best") == 2
 
 
 def test_resumed_from_checkpoint_is_never_rotated_out(tmp_path: Path) -> None:
     h = Harness(tmp_path, checkpoint_steps=2, keep_last=2)
-    for _ in range(4):
-        h.step()
+    h.steps(4)
     root = tmp_path / "checkpoints"
     r = Harness(tmp_path, checkpoint_steps=2, keep_last=1)
     r.mgr.load(r.mgr.resolve_resume("step_0000002"))  # roll back to an earlier rolling checkpoint
-    for _ in range(6):
-        r.step()
+    r.steps(6)
     assert (root / "step_0000002").is_dir() and atomic.verify(root / "step_0000002").ok
     rolling = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
     assert rolling == ["step_0000002", "step_0000008"]  # keep_last=1 plus the protected resume point
+
+
+def test_background_save_writes_exactly_what_save_state_writes(tmp_path: Path) -> None:
+    """The asynchronous save (host copy on the loop's thread, files written by the writer thread) produces the
+    files ``accelerator.save_state`` produces for the same state, byte for byte, and they load back."""
+    h = Harness(tmp_path / "run", checkpoint_steps=2)
+    h.step()
+    h.step()  # step 2: saved in the background
+    assert h.mgr.writer.busy or (tmp_path / "run" / "checkpoints" / "latest").is_dir()
+    h.mgr.wait()
+    reference = tmp_path / "save_state"
+    h.acc.save_state(str(reference))  # same state, same RNG (nothing ran in between)
+    ours = tmp_path / "run" / "checkpoints" / "latest"
+    files = {p.name for p in ours.iterdir()} - {"manifest.json"}
+    assert files == {p.name for p in reference.iterdir()}
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
+            "custom_checkpoint_1.pkl"} <= files
+    for name in sorted(files):
+        assert (ours / name).read_bytes() == (reference / name).read_bytes(), name

@@ -4,7 +4,11 @@ On-disk protocol (all under ``OUTPUT_DIR/checkpoints/``; only the main process t
 
 * A save is written into ``.tmp-save/``; every file and the folder are fsync'd, then ``manifest.json`` (size
   and sha256 of every file) is written last through a temp file + fsync + rename. Only a folder whose
-  manifest is complete and whose files match it counts as a checkpoint.
+  manifest is complete and whose files match it counts as a checkpoint. Files larger than ``CHUNK_BYTES`` are
+  hashed in chunks (``sha256_chunks``: the sha256 of each ``chunk_bytes`` slice, in order) so that saving and
+  verifying spread over all cores instead of one core per file; smaller files keep one whole-file ``sha256``.
+  Asynchronous saves (``writer.py``) follow the same protocol from a background thread: until its manifest is
+  renamed into place a save is only a ``.tmp-save`` folder, which ``recover`` deletes.
 * A tier folder (``latest``, ``best``, ``step_0000100``, ...) is put in place by renaming a sealed
   ``.new-<tier>`` folder onto its name (``swap_in``). The folder it replaces is first renamed to ``.old-<tier>``
   (or, for ``latest``, to ``latest_backup``), so at every instant each name holds either the old or the new
@@ -41,6 +45,7 @@ MANIFEST = "manifest.json"
 FORMAT = "hf-gpt2-train-checkpoint/1"
 TMP_SAVE = ".tmp-save"
 _HASH_CHUNK = 8 << 20
+CHUNK_BYTES = 64 << 20  # per-chunk sha256 above this size (a multiple of mmap's allocation granularity)
 _warned_no_links = False
 
 
@@ -65,27 +70,56 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file; hashlib releases the GIL on large buffers, so several files hash in parallel.
+def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:
+    """sha256 of a file, or of ``length`` bytes from ``start``; hashlib releases the GIL on large buffers, so
+    several files or chunks hash in parallel threads.
 
-    The file is hashed through one memory map (no copy into Python buffers: ~15% faster than
-    ``hashlib.file_digest``); empty files and filesystems without mmap are read in chunks.
+    Reads through one memory map (no copy into Python buffers: ~15% faster than ``hashlib.file_digest``);
+    empty files and filesystems without mmap are read in chunks.
     """
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = size - start if length is None else min(length, size - start)
+        if length <= 0:
+            return h.hexdigest()
         try:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            with mmap.mmap(f.fileno(), length, offset=start, access=mmap.ACCESS_READ) as mm:
                 h.update(mm)
                 return h.hexdigest()
-        except (ValueError, OSError):  # empty file, or no mmap support
-            f.seek(0)
-            while chunk := f.read(_HASH_CHUNK):
+        except (ValueError, OSError):  # no mmap support, or an offset that is not page aligned
+            f.seek(start)
+            left = length
+            while left > 0 and (chunk := f.read(min(_HASH_CHUNK, left))):
                 h.update(chunk)
+                left -= len(chunk)
     return h.hexdigest()
 
 
-def _workers(n_files: int) -> int:
-    return max(1, min(n_files, os.cpu_count() or 1, 8))
+def _workers(n_tasks: int) -> int:
+    return max(1, min(n_tasks, os.cpu_count() or 1, 8))
+
+
+def _digest_tasks(path: Path, size: int) -> list[tuple[int, int]]:
+    """(start, length) of each hashed piece: the whole file, or ``CHUNK_BYTES`` chunks of a large one."""
+    if size <= CHUNK_BYTES:
+        return [(0, size)]
+    return [(start, min(CHUNK_BYTES, size - start)) for start in range(0, size, CHUNK_BYTES)]
+
+
+def _entry(size: int, digests: list[str]) -> dict[str, Any]:
+    if size <= CHUNK_BYTES:
+        return {"size": size, "sha256": digests[0]}
+    return {"size": size, "chunk_bytes": CHUNK_BYTES, "sha256_chunks": digests}
+
+
+def file_entries(folder: Path, files: list[Path], pool: ThreadPoolExecutor) -> dict[str, dict[str, Any]]:
+    """Manifest entries (size + sha256, chunked for large files) of ``files``, hashed on ``pool``."""
+    jobs = []
+    for p in files:
+        size = p.stat().st_size
+        jobs.append((p, size, [pool.submit(sha256_file, p, a, n) for a, n in _digest_tasks(p, size)]))
+    return {p.relative_to(folder).as_posix(): _entry(size, [f.result() for f in futs]) for p, size, futs in jobs}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -108,17 +142,16 @@ def data_files(folder: Path) -> list[Path]:
 def seal(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """fsync every file of ``folder``, record its size and sha256 in ``manifest``, write the manifest last.
 
-    fsync is I/O-bound and hashing CPU-bound, so both run in one thread pool and overlap.
-    Returns the manifest as written.
+    fsync is I/O-bound and hashing CPU-bound, so both run in one thread pool and overlap; large files are
+    hashed in chunks on all cores. Returns the manifest as written.
     """
     files = data_files(folder)
-    with ThreadPoolExecutor(max_workers=_workers(2 * len(files))) as pool:
+    pieces = sum(len(_digest_tasks(p, p.stat().st_size)) for p in files)
+    with ThreadPoolExecutor(max_workers=_workers(len(files) + pieces)) as pool:
         syncs = [pool.submit(fsync_path, p) for p in files]
-        hashes = {p: pool.submit(sha256_file, p) for p in files}
+        entries = file_entries(folder, files, pool)
         for s in syncs:
             s.result()
-        entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": h.result()}
-                   for p, h in hashes.items()}
     manifest = {**manifest, "format": FORMAT, "files": entries}
     for d in sorted({p.parent for p in files} | {folder}, key=lambda x: len(x.parts), reverse=True):
         fsync_path(d)
@@ -153,18 +186,29 @@ def check_sizes(folder: Path, manifest: dict[str, Any]) -> None:
             raise CheckpointInvalid(f"{rel} has {size} bytes, the manifest says {meta.get('size')}")
 
 
-def check_hashes(folder: Path, manifest: dict[str, Any]) -> None:
-    """Every file's sha256 matches the manifest (reads every byte; files hash in parallel)."""
-    items = [(rel, meta) for rel, meta in manifest["files"].items() if meta.get("sha256")]
-    with ThreadPoolExecutor(max_workers=_workers(len(items))) as pool:
-        results = [(rel, meta, pool.submit(sha256_file, folder / rel)) for rel, meta in items]
-        for rel, meta, fut in results:
+def check_hashes(folder: Path, manifest: dict[str, Any], only: list[str] | None = None) -> None:
+    """Every file's sha256 (or each chunk's) matches the manifest; reads every byte, with all chunks of all
+    files hashed in parallel. ``only``: check just these files."""
+    items = [(rel, meta) for rel, meta in manifest["files"].items()
+             if (meta.get("sha256") or meta.get("sha256_chunks")) and (only is None or rel in only)]
+    tasks = []
+    for rel, meta in items:
+        if meta.get("sha256_chunks"):
+            step = int(meta["chunk_bytes"])
+            tasks += [(rel, i, i * step, step, d) for i, d in enumerate(meta["sha256_chunks"])]
+        else:
+            tasks.append((rel, None, 0, None, meta["sha256"]))
+    with ThreadPoolExecutor(max_workers=_workers(len(tasks))) as pool:
+        results = [(t, pool.submit(sha256_file, folder / t[0], t[2], t[3])) for t in tasks]
+        for (rel, chunk, start, length, expected), fut in results:
             try:
                 digest = fut.result()
             except OSError as e:
                 raise CheckpointInvalid(f"{rel} is unreadable ({e})") from None
-            if digest != meta["sha256"]:
-                raise CheckpointInvalid(f"{rel} has sha256 {digest[:12]}..., the manifest says {meta['sha256'][:12]}...")
+            if digest != expected:
+                where = "" if chunk is None else f" in bytes {start}-{start + length - 1}"
+                raise CheckpointInvalid(f"{rel} has sha256 {digest[:12]}...{where}, the manifest says "
+                                        f"{expected[:12]}...")
 
 
 @dataclass

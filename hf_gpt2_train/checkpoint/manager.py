@@ -9,10 +9,16 @@ Tiers under ``OUTPUT_DIR/checkpoints/``:
   epoch end (never deleted); ``final`` at the end of training.
 
 One save that belongs to several tiers is written once and hard-linked into each tier folder (see
-``atomic.py`` for the on-disk protocol that makes every step crash-safe). Retention never deletes ``best``,
-a milestone, ``final`` or the checkpoint this run resumed from: resuming from a tier that rotates
-(``latest``, ``latest_backup``, ``best``, ``final``) first hard-links it as ``step_NNNNNNN`` (no extra disk)
-and that folder is kept for the rest of the run.
+``atomic.py`` for the on-disk protocol that makes every step crash-safe, ``tiers.py`` for the folder
+operations). Retention never deletes ``best``, a milestone, ``final`` or the checkpoint this run resumed from:
+resuming from a tier that rotates (``latest``, ``latest_backup``, ``best``, ``final``) first hard-links it as
+``step_NNNNNNN`` (no extra disk) and that folder is kept for the rest of the run.
+
+Saves are asynchronous by default (``--async_checkpoint``): the loop pauses only while ``snapshot.py`` copies
+the state to host memory and writes the small files, then ``writer.py``'s thread writes model and optimizer,
+seals and promotes. The next save waits for the one in flight; the ``final`` save and the save on a stop
+signal are durable when ``maybe_save`` returns. A failed background write raises ``CheckpointSaveError`` at
+the next save (or the end of the run) on every rank.
 
 Multi-process runs: every rank writes its own ``random_states_<rank>.pkl`` into the same temp folder, so
 ``OUTPUT_DIR`` must be on a filesystem all nodes share (as for any Accelerate multi-node checkpoint).
@@ -32,7 +38,10 @@ from typing import Any
 
 from hf_gpt2_train.checkpoint import atomic
 from hf_gpt2_train.checkpoint.atomic import MANIFEST, TMP_SAVE, CheckpointInvalid
+from hf_gpt2_train.checkpoint.snapshot import StateCapture, fsdp_resume_problem
 from hf_gpt2_train.checkpoint.sync import LaggedAnyFlag, any_rank, broadcast_from_main, distributed
+from hf_gpt2_train.checkpoint.tiers import TierStore, milestone_name, rolling, step_name
+from hf_gpt2_train.checkpoint.writer import BackgroundWriter
 from hf_gpt2_train.config import CheckpointConfig, ConfigError
 from hf_gpt2_train.errors import CheckpointSaveError
 from hf_gpt2_train.state import TrainerState
@@ -51,16 +60,16 @@ class _DropTiedWeightNotice(logging.Filter):
         return "Removed shared tensor" not in record.getMessage()
 
 
-def step_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def milestone_name(step: int) -> str:
-    return f"milestone_{step:07d}"
-
-
 def _json_float(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
 
 
 def _versions() -> dict[str, str]:
@@ -92,14 +101,21 @@ class CheckpointManager:
     tiny CPU all-reduces (only when saving or resuming).
     """
 
-    def __init__(self, accelerator: Any, cfg: CheckpointConfig, output_dir: str | Path, run_info: dict[str, Any]):
+    def __init__(self, accelerator: Any, cfg: CheckpointConfig, output_dir: str | Path, run_info: dict[str, Any],
+                 hub: Any = None):
+        """``hub``: an object with ``saved(folder, manifest)`` (told of every save once it is in place, on the
+        main process) and ``download(root)`` (for ``--resume_from_checkpoint hub``): ``hub.mirror.HubMirror``."""
         self.accelerator = accelerator
         self.cfg = cfg
         self.output_dir = Path(output_dir)
         self.root = self.output_dir / "checkpoints"
         self.run_info = run_info
+        self.hub = hub
         self.is_main = bool(accelerator.is_main_process)
-        self._protected: set[str] = set()
+        self.tiers = TierStore(self.root, cfg.keep_last)
+        self.capture = StateCapture(accelerator)
+        self.writer = BackgroundWriter()
+        self._in_flight: int | None = None  # step of the save being written in the background (every rank)
         self._fallbacks: dict[str, list[Path]] = {}
         self._last: _LastSave | None = None
         self._last_latest_time = time.monotonic()
@@ -121,6 +137,10 @@ class CheckpointManager:
         result: tuple[str | None, list[str], str | None] = (None, [], None)
         if self.is_main:
             try:
+                if str(spec).strip().lower() == "hub":  # download last-checkpoint/ into this run's tiers
+                    if self.hub is None:
+                        raise ConfigError("--resume_from_checkpoint hub needs --hub_model_id USER/NAME")
+                    spec = str(self.hub.download(self.root))
                 result = self._resolve_main(str(spec).strip())
             except ConfigError as e:
                 result = (None, [], str(e))
@@ -136,7 +156,7 @@ class CheckpointManager:
 
     def _chain(self, root: Path) -> list[Path]:
         """latest, latest_backup, then rolling checkpoints, most recently saved first."""
-        return [root / "latest", root / "latest_backup", *reversed(self._rolling(root))]
+        return [root / "latest", root / "latest_backup", *reversed(rolling(root))]
 
     def _resolve_main(self, spec: str) -> tuple[str | None, list[str], str | None]:
         for action in atomic.recover(self.root):
@@ -227,6 +247,10 @@ class CheckpointManager:
         if reason is not None:
             return manifest, reason
         self._check_shape(manifest, cand)
+        if problem := fsdp_resume_problem(cand, self.capture.mode):
+            raise ConfigError(f"checkpoint {cand} cannot be resumed under this FSDP configuration: {problem}. Resume "
+                              "it with the fsdp_state_dict_type it was saved with, or without FSDP (DDP or one "
+                              "process read its model.safetensors and optimizer.bin)")
 
         import threading
 
@@ -272,28 +296,8 @@ class CheckpointManager:
     def _after_load(self, cand: Path, manifest: dict[str, Any]) -> None:
         """Keep the checkpoint we resumed from for the whole run (hard-link it as a rolling folder if it rotates)."""
         self._last, self._last_latest_time = None, time.monotonic()
-        if not self.is_main:
-            return
-        try:
-            if cand.resolve().parent != self.root.resolve():
-                return  # not ours: we never delete outside OUTPUT_DIR/checkpoints
-        except OSError:
-            return
-        if cand.name.startswith("step_"):
-            self._protected.add(cand.name)
-            return
-        if cand.name.startswith("milestone_") or not isinstance(manifest.get("step"), int):
-            return
-        name = step_name(manifest["step"])
-        try:
-            if not (self.root / name).exists():
-                new = self.root / f".new-{name}"
-                atomic.remove_tree(new)
-                atomic.link_tree(cand, new, {**manifest, "tier": name})
-                atomic.swap_in(new, self.root / name)
-            self._protected.add(name)
-        except OSError as e:
-            logger.warning("could not keep a copy of the resumed checkpoint as %s (%s); rotation may delete it", name, e)
+        if self.is_main:
+            self.tiers.keep_as_rolling(cand, manifest)
 
     # -------------------------------------------------------------------------------------------- save
     def maybe_save(self, state: TrainerState, *, val_loss: float | None = None, epoch_ended: bool = False,
@@ -321,7 +325,8 @@ class CheckpointManager:
             tiers.append(milestone_name(step))
         if final:
             tiers.append("final")
-        saved = self._save(state, tiers, val_loss) if tiers else None
+        durable = final or force_latest or not c.async_checkpoint  # the last save of a run must be on disk
+        saved = self._save(state, tiers, val_loss, durable) if tiers else None
         if c.checkpoint_minutes > 0 and distributed():
             self._time_flag.start(time.monotonic() - self._last_latest_time >= 60 * c.checkpoint_minutes)
         return saved
@@ -331,14 +336,15 @@ class CheckpointManager:
         d.pop("wall_time", None)
         return d
 
-    def _save(self, state: TrainerState, tiers: list[str], val_loss: float | None) -> Path:
+    def _save(self, state: TrainerState, tiers: list[str], val_loss: float | None, durable: bool) -> Path:
         key = self._state_key(state)
+        self.wait()  # the save in flight first: its buffers are reused, its tiers may be linked below
         last = self._last
         if last is not None and last.step == state.step and last.key == key:
             # Same step, same state (e.g. `final` right after the scheduled save): link, do not write again.
             todo = [t for t in tiers if t not in last.folders]
             if todo:
-                self._run_main(state.step, lambda: self._link_more(last, todo))
+                self._run_main(state.step, lambda: self.tiers.link_more(last.step, last.folders, last.manifest, todo))
                 last.folders += todo
             if "latest" in tiers:
                 self._last_latest_time = time.monotonic()
@@ -353,18 +359,46 @@ class CheckpointManager:
             tmp.mkdir()
 
         self._run_main(state.step, prepare)
+        t0 = time.perf_counter()
         err: BaseException | None = None
-        try:
-            self.accelerator.save_state(str(tmp))
+        try:  # every rank: its RNG file, and what it must write (all of it on main, its shards under FSDP)
+            snap = self.capture.capture(tmp, copy=not durable)
         except Exception as e:  # ENOSPC/EFBIG/EACCES surface as OSError or as torch/safetensors errors
             err = e
-        self._agree(state.step, err)
+        self._agree(state.step, err)  # also a barrier: every rank's small files are in tmp before sealing
+        blocked = time.perf_counter() - t0
         manifest = self._manifest(state, tiers, val_loss)
-        self._run_main(state.step, lambda: self._seal_and_promote(tmp, tiers, manifest))
         self._last = _LastSave(state.step, key, manifest, list(tiers))
         if "latest" in tiers:
             self._last_latest_time = time.monotonic()
+
+        def write() -> None:
+            self.capture.write(snap)
+            if not self.is_main:
+                return
+            note = "" if durable else f" in the background (training paused {blocked:.2f}s)"
+            manifest.update(self.tiers.promote(tmp, tiers, manifest, note))
+            if self.hub is not None:
+                self.hub.saved(self.root / tiers[0], manifest)
+
+        if self.is_main or self.capture.writes_on_every_rank:
+            self.writer.submit(state.step, write)
+        self._in_flight = state.step
+        if durable:
+            self.wait()
         return self.root / tiers[0]
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is on disk, on every rank; raise CheckpointSaveError if its
+        background write failed. Every save calls it first; the last save of a run before returning."""
+        if self._in_flight is None:
+            return
+        step, self._in_flight = self._in_flight, None
+        done = self.writer.wait()
+        if done.waited_s >= 0.1:
+            logger.info("waited %.1fs for the checkpoint of step %d to finish writing (it took %.1fs in the "
+                        "background)", done.waited_s, step, done.write_s)
+        self._agree(step, done.error)
 
     def _run_main(self, step: int, fn: Any) -> None:
         """Run ``fn`` on the main process; every rank learns whether it failed."""
@@ -391,8 +425,12 @@ class CheckpointManager:
                                       "earlier checkpoints are intact")
         kept = ", ".join(sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))) \
             if self.root.is_dir() else "none"
+        reason = f"{type(err).__name__}: {err}"
+        if not isinstance(err, OSError) and _free_bytes(self.root) < 1 << 20:
+            # torch.save reports a full disk as "unexpected pos ..." from its zip writer: say what it is.
+            reason = f"No space left on device ({reason})"
         raise CheckpointSaveError(
-            f"could not save the checkpoint of step {step} in {self.root}: {type(err).__name__}: {err}. Earlier "
+            f"could not save the checkpoint of step {step} in {self.root}: {reason}. Earlier "
             f"checkpoints are intact ({kept or 'none'}): free disk space or make the folder writable, then resume "
             "with --resume_from_checkpoint latest") from err
 
@@ -416,55 +454,3 @@ class CheckpointManager:
             "effective_precision": self.run_info.get("effective_precision", acc.mixed_precision),
             "versions": self.run_info.get("versions") or _versions(),
         }
-
-    def _seal_and_promote(self, tmp: Path, tiers: list[str], manifest: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        manifest.update(atomic.seal(tmp, manifest))
-        primary = tiers[0]
-        new = self.root / f".new-{primary}"
-        os.rename(tmp, new)
-        self._swap(new, primary)
-        for tier in tiers[1:]:
-            self._link_tier(self.root / primary, tier, manifest)
-        self._retain()
-        logger.info("saved checkpoint %s at step %d in %.1fs", "+".join(tiers), manifest["step"],
-                    time.perf_counter() - t0)
-
-    def _swap(self, new: Path, tier: str) -> None:
-        atomic.swap_in(new, self.root / tier, backup=self.root / "latest_backup" if tier == "latest" else None)
-
-    def _link_tier(self, src: Path, tier: str, manifest: dict[str, Any]) -> None:
-        new = self.root / f".new-{tier}"
-        atomic.remove_tree(new)
-        atomic.link_tree(src, new, {**manifest, "tier": tier})
-        self._swap(new, tier)
-
-    def _link_more(self, last: _LastSave, todo: list[str]) -> None:
-        src = next((self.root / f for f in last.folders if (self.root / f / MANIFEST).is_file()), None)
-        if src is None:
-            raise FileNotFoundError(f"the checkpoint of step {last.step} vanished from {self.root}")
-        for tier in todo:
-            self._link_tier(src, tier, {**last.manifest, "tiers": last.folders + todo})
-        self._retain()
-        logger.info("step %d: also kept as %s (hard links)", last.step, "+".join(todo))
-
-    @staticmethod
-    def _rolling(root: Path) -> list[Path]:
-        """Rolling step_* folders, oldest save first (save time, not step: a resume from an earlier step
-        leaves newer-numbered folders of the abandoned branch, which must age out first)."""
-        def saved_at(p: Path) -> tuple[float, str]:
-            try:
-                return float(atomic.read_manifest(p).get("created_unix", 0.0)), p.name
-            except CheckpointInvalid:
-                return -1.0, p.name  # damaged or incomplete: the first to go
-        if not root.is_dir():
-            return []
-        return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), key=saved_at)
-
-    def _retain(self) -> None:
-        rolling = self._rolling(self.root)
-        keep = {p.name for p in rolling[-self.cfg.keep_last:]} | self._protected
-        for p in rolling:
-            if p.name not in keep:
-                atomic.remove_tree(p)
-                logger.info("rotated out %s (keep_last=%d)", p.name, self.cfg.keep_last)

@@ -83,8 +83,8 @@ def resolve_checkpoint(spec: str, output_dir: str = "", tier: str = "") -> Path:
 
 def _valid(p: Path) -> Path:
     """``p`` if it is a complete, intact checkpoint (manifest, sizes, and the weights' sha256)."""
-    from hf_gpt2_train.checkpoint import verify
-    from hf_gpt2_train.checkpoint.atomic import sha256_file
+    from hf_gpt2_train.checkpoint import CheckpointInvalid, verify
+    from hf_gpt2_train.checkpoint.atomic import check_hashes
 
     if not p.is_dir():
         siblings = sorted(c.name for c in p.parent.iterdir() if c.is_dir()) if p.parent.is_dir() else []
@@ -97,8 +97,10 @@ def _valid(p: Path) -> Path:
     weights = v.manifest["files"].get("model.safetensors")
     if weights is None:
         raise ConfigError(f"{p} has no model.safetensors: export a checkpoint written with safetensors")
-    if weights.get("sha256") and sha256_file(p / "model.safetensors") != weights["sha256"]:
-        raise ConfigError(f"{p}/model.safetensors does not match its manifest's sha256 (damaged): {fix}")
+    try:
+        check_hashes(p, v.manifest, only=["model.safetensors"])
+    except CheckpointInvalid:
+        raise ConfigError(f"{p}/model.safetensors does not match its manifest's sha256 (damaged): {fix}") from None
     return p
 
 
