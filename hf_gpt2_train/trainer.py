@@ -165,6 +165,8 @@ class Trainer:
         loss = loss_sum / self.accum
         max_norm = self.cfg.optim.max_grad_norm or math.inf
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor; unwrapping it needs no communication
+            grad_norm = grad_norm.full_tensor()
         # A non-finite step is skipped on the device by fused AdamW (no host sync): weights stay finite.
         found_inf = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
         self.nonfinite_steps += found_inf

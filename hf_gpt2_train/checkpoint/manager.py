@@ -385,17 +385,18 @@ class CheckpointManager:
             self.writer.submit(state.step, write)
         self._in_flight = state.step
         if durable:
-            self.wait()
+            self.wait(expected=True)
         return self.root / tiers[0]
 
-    def wait(self) -> None:
+    def wait(self, expected: bool = False) -> None:
         """Block until the save in flight (if any) is on disk, on every rank; raise CheckpointSaveError if its
-        background write failed. Every save calls it first; the last save of a run before returning."""
+        background write failed. Every save calls it first (logging how long it had to wait, unless
+        ``expected``); a durable save (``final``, on a stop signal) before returning."""
         if self._in_flight is None:
             return
         step, self._in_flight = self._in_flight, None
         done = self.writer.wait()
-        if done.waited_s >= 0.1:
+        if done.waited_s >= 0.1 and not expected:
             logger.info("waited %.1fs for the checkpoint of step %d to finish writing (it took %.1fs in the "
                         "background)", done.waited_s, step, done.write_s)
         self._agree(step, done.error)
