@@ -73,6 +73,7 @@ class Trainer:
         from hf_gpt2_train.data.loader import TrainLoader, resolve_data_dir, val_batches
         from hf_gpt2_train.data.tokenizer import get_encoding
         from hf_gpt2_train.evaluate import Evaluator
+        from hf_gpt2_train.hub.mirror import HubMirror
         from hf_gpt2_train.precision import (
             describe,
             fp8_coverage,
@@ -99,7 +100,8 @@ class Trainer:
         # The manager holds run_info by reference (filled below) and resolves the resume request before
         # anything is written, so a bad --resume_from_checkpoint leaves the output folder untouched.
         self.run_info: dict[str, Any] = {"config": cfg.to_dict()}
-        self.checkpoints = CheckpointManager(acc, cfg.checkpoint, self.output_dir, self.run_info)
+        self.mirror = HubMirror(cfg, self.output_dir, acc.is_main_process)  # --hub_strategy uploads, resume from hub
+        self.checkpoints = CheckpointManager(acc, cfg.checkpoint, self.output_dir, self.run_info, hub=self.mirror)
         self.resume_path = self.checkpoints.resolve_resume(cfg.checkpoint.resume_from_checkpoint)
         setup_logging(self.output_dir, acc.is_main_process)
         for w in self.plan.warnings:
@@ -212,6 +214,7 @@ class Trainer:
                 if stopped_by_signal:
                     break
         tracker.finish()
+        self.mirror.finish(wait=not stopped_by_signal)  # uploads in flight end before the end-of-run push
         if stopped_by_signal:
             from hf_gpt2_train.checkpoint import resume_command_hint
 

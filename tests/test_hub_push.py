@@ -1,15 +1,18 @@
 """Pushing to the Hub, against a local stand-in for the Hub's HTTP API (the only thing stood in).
 
-The stand-in implements what huggingface_hub's create_repo + upload_folder call: ``POST
+The stand-in implements what huggingface_hub's create_repo + upload_folder/create_commit call: ``POST
 /api/repos/create``, ``POST /api/validate-yaml`` (the card's metadata), ``POST /api/models/{repo}/preupload/{rev}`` (answering "regular" upload mode, so
 file contents travel base64-encoded inside the commit instead of through LFS/xet storage) and ``POST
-/api/models/{repo}/commit/{rev}`` (NDJSON). Anything else is recorded and answered 404, so a test sees
-every request the client made.
+/api/models/{repo}/commit/{rev}`` (NDJSON); and what snapshot_download calls: ``GET
+/api/models/{repo}/revision/{rev}``, ``GET /api/models/{repo}/tree/{rev}`` and ``HEAD``/``GET
+/{repo}/resolve/{rev}/{path}``. Anything else is recorded and answered 404, so a test sees every request the
+client made. ``delay_s`` makes every answer slow; ``down()`` returning True makes every answer a 503.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +20,8 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +51,13 @@ class FakeHub:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, auth header)
     unexpected: list[str] = field(default_factory=list)
     validated: list[dict] = field(default_factory=list)  # README metadata blocks the client had checked
+    commits: list[tuple[float, str, list[str]]] = field(default_factory=list)  # (time, message, paths)
+    history: list[dict[str, bytes]] = field(default_factory=list)  # the repo's files after each commit
+    delay_s: float = 0.0  # every answer waits this long (a slow Hub)
+    down: Callable[[], bool] | None = None  # while it returns True every request gets 503 (a Hub that is down)
+
+    def sha(self, repo: str) -> str:
+        return hashlib.sha1(f"{repo}:{len(self.commits)}".encode()).hexdigest()
 
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -62,21 +73,73 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def _unavailable(self) -> bool:
+            time.sleep(hub.delay_s)
+            if hub.down is not None and hub.down():
+                self._reply(503, {"error": "Service Unavailable (the stand-in is down)"})
+                return True
+            return False
+
+        def _file(self, head: bool) -> None:
+            """``/{repo}/resolve/{rev}/{path}``: a file's bytes with the headers hf_hub_download needs."""
+            parts = self.path.split("?")[0].strip("/").split("/")
+            repo, rel = f"{parts[0]}/{parts[1]}", "/".join(parts[4:])
+            data = hub.files.get(repo, {}).get(rel)
+            if data is None:
+                self._reply(404, {"error": "Entry not found"})
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+            self.send_header("X-Repo-Commit", hub.sha(repo))
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+
+        def do_HEAD(self) -> None:
+            hub.requests.append(("HEAD", self.path, self.headers.get("authorization")))
+            if self._unavailable():
+                return
+            if "/resolve/" in self.path:
+                self._file(head=True)
+            else:
+                hub.unexpected.append(f"HEAD {self.path}")
+                self._reply(404, {"error": "not implemented by the stand-in"})
 
         def do_GET(self) -> None:
             hub.requests.append(("GET", self.path, self.headers.get("authorization")))
             if self.path == "/api/agent-harnesses":  # huggingface_hub's user-agent registry: none known here
                 self._reply(200, {"standardEnvVars": [], "harnesses": {}})
                 return
-            hub.unexpected.append(f"GET {self.path}")
-            self._reply(404, {"error": "not implemented by the stand-in"})
+            if self._unavailable():
+                return
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if "/resolve/" in self.path:
+                self._file(head=False)
+            elif len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] in ("revision", "tree"):
+                repo = f"{parts[2]}/{parts[3]}"
+                if repo not in hub.files:
+                    self._reply(404, {"error": "Repository not found"})
+                elif parts[4] == "revision":
+                    self._reply(200, {"id": repo, "sha": hub.sha(repo), "private": False,
+                                      "siblings": [{"rfilename": f} for f in sorted(hub.files[repo])]})
+                else:  # a recursive listing (one page)
+                    self._reply(200, [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                                      for f, d in sorted(hub.files[repo].items())])
+            else:
+                hub.unexpected.append(f"GET {self.path}")
+                self._reply(404, {"error": "not implemented by the stand-in"})
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
             auth = self.headers.get("authorization")
             path = self.path.split("?")[0]
             hub.requests.append(("POST", path, auth))
+            if self._unavailable():
+                return
             if auth != f"Bearer {TOKEN}":
                 self._reply(401, {"error": "Invalid credentials in Authorization header"})
                 return
@@ -108,14 +171,20 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                                              "oid": None} for f in files]})
             elif len(parts) == 6 and parts[:2] == ["api", "models"] and parts[4] == "commit":
                 repo = f"{parts[2]}/{parts[3]}"
+                message, paths = "", []
                 for line in body.decode().splitlines():
                     item = json.loads(line)
                     if item["key"] == "file":
                         v = item["value"]
                         assert v["encoding"] == "base64"
                         hub.files[repo][v["path"]] = base64.b64decode(v["content"])
-                    elif item["key"] != "header":
+                        paths.append(v["path"])
+                    elif item["key"] == "header":
+                        message = item["value"].get("summary", "")
+                    else:
                         hub.unexpected.append(f"commit item {item['key']}")
+                hub.commits.append((time.time(), message, paths))
+                hub.history.append(dict(hub.files[repo]))
                 self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{'c' * 40}", "commitOid": "c" * 40,
                                   "pullRequestUrl": None})
             else:
