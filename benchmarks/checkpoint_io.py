@@ -1,19 +1,26 @@
-"""Checkpoint save/load time of a GPT-2 training state: CheckpointManager vs plain torch.save + fsync.
+"""Checkpoint I/O of a GPT-2 training state: CheckpointManager (synchronous and asynchronous) vs plain torch.save.
 
-Both sides handle the same tensors (model weights + AdamW state after one real step) on the same
-filesystem, interleaved in one run so that disk and CPU conditions are shared:
+All sides handle the same tensors (model weights + AdamW state after real steps) on the same filesystem,
+interleaved in one run so that disk and CPU conditions are shared:
 
-* ours, save: ``CheckpointManager.maybe_save`` = ``accelerator.save_state`` into a temp folder, fsync of
-  every file and folder, sha256 of every file, manifest, rename into ``latest`` + hard-linked
-  ``step_NNNNNNN``, rotation.
-* ours, load: ``resolve_resume("latest")`` + ``load`` = size check, ``accelerator.load_state`` with the sha256
-  verification running alongside; also measured without sha256 (``--no_verify_checkpoint``). sha256 is
-  sequential within a file, so verified loads cannot beat one core's sha256 speed on ``optimizer.bin``.
-* baseline, save: ``torch.save({"model", "optimizer"}, f)`` + flush + fsync of the file and its folder.
-* baseline, load: ``torch.load`` + ``model.load_state_dict`` + ``optimizer.load_state_dict``.
+* sync save: ``CheckpointManager.maybe_save`` with ``--async_checkpoint false`` = the files ``save_state``
+  writes, fsync of every file and folder, sha256 (chunked, on all cores), manifest, rename into ``latest`` +
+  hard-linked ``step_NNNNNNN``, rotation.
+* async save: the same manager with ``--async_checkpoint true`` (the default): ``blocked`` is the time
+  ``maybe_save`` keeps the training loop (host copy of the state + the small files), ``background`` the time
+  the writer thread then needs for the rest.
+* worst-case graceful stop: a stop signal arriving while an asynchronous save is being written: the stop
+  save waits for it, then writes ``latest`` durably. This is the time a launcher must allow between SIGTERM and
+  SIGKILL (``torchrun --shutdown_timeout``, Slurm ``--signal``), plus one training step.
+* loads: ``resolve_resume("latest")`` + ``load`` = size check + ``accelerator.load_state`` with the chunked
+  sha256 verification in parallel threads; also without sha256 (``--no_verify_checkpoint``).
+* baseline: ``torch.save({"model", "optimizer"}, f)`` + flush + fsync of the file and its folder;
+  ``torch.load`` + ``model.load_state_dict`` + ``optimizer.load_state_dict``.
+* the loop's view: wall time of ``--loop_steps`` real training steps with a save every ``--save_every`` steps,
+  synchronous vs asynchronous vs no saves (the last asynchronous save is waited for inside the timing).
 
 Usage: ``python benchmarks/checkpoint_io.py [--preset gpt2] [--dir PATH] [--repeats 3] [--output FILE.json]``.
-Prints the median times and the ratios (target: ours at most 1.3x the baseline).
+Targets: verified load <= 1.3x the baseline load; blocked time per async save <= 15% of the sync save.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +62,7 @@ class _Position:
         self.pos = d["pos"]
 
 
-def run(preset: str, workdir: Path, repeats: int) -> dict[str, Any]:
+def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: int, tokens: int) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from hf_gpt2_train.checkpoint import CheckpointManager
@@ -66,57 +75,99 @@ def run(preset: str, workdir: Path, repeats: int) -> dict[str, Any]:
     model = build_model(cfg.model, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model, opt = acc.prepare(model, opt)
-    x = torch.randint(0, cfg.model.vocab_size, (1, 65))
-    acc.backward(lm_loss(lm_logits(model, x[:, :-1], cfg.model.vocab_size), x[:, 1:]))  # real AdamW state
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def train_step() -> None:
+        x = torch.randint(0, cfg.model.vocab_size, (1, tokens + 1), generator=gen)
+        acc.backward(lm_loss(lm_logits(model, x[:, :-1], cfg.model.vocab_size), x[:, 1:]))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train_step()  # real AdamW state
     state = TrainerState()
     acc.register_for_checkpointing(state)
     acc.register_for_checkpointing(_Position())
-    ckpt_cfg = CheckpointConfig(checkpoint_steps=1, keep_last=1)
-    mgr = CheckpointManager(acc, ckpt_cfg, workdir / "run", {"config": cfg.to_dict(), "effective_precision": "no"})
+    info = {"config": cfg.to_dict(), "effective_precision": "no"}
+
+    def manager(name: str, asynchronous: bool) -> CheckpointManager:
+        c = CheckpointConfig(checkpoint_steps=1, keep_last=1, async_checkpoint=asynchronous)
+        return CheckpointManager(acc, c, workdir / name, info)
+
+    sync_mgr, async_mgr = manager("sync", False), manager("async", True)
     baseline_file = workdir / "baseline" / "state.pt"
     baseline_file.parent.mkdir(parents=True, exist_ok=True)
+    times: dict[str, list[float]] = {k: [] for k in ("sync_save", "async_blocked", "async_background",
+                                                     "stop_with_save_in_flight", "baseline_save", "ours_load",
+                                                     "ours_load_no_sha256", "baseline_load")}
 
-    def ours_save() -> None:
+    def timed(name: str, fn: Any) -> None:
+        t0 = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t0)
+
+    def sync_save() -> None:
         state.step += 1
-        mgr.maybe_save(state)
+        timed("sync_save", lambda: sync_mgr.maybe_save(state))
+
+    def async_save() -> None:
+        state.step += 1
+        timed("async_blocked", lambda: async_mgr.maybe_save(state))
+        timed("async_background", async_mgr.wait)
+
+    def stop_in_flight() -> None:  # SIGTERM right after a save started: wait for it, then save latest durably
+        state.step += 1
+        async_mgr.maybe_save(state)
+        state.step += 1
+        timed("stop_with_save_in_flight", lambda: async_mgr.maybe_save(state, force_latest=True))
 
     def base_save() -> None:
-        with open(baseline_file, "wb") as f:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(baseline_file.parent)
+        def go() -> None:
+            with open(baseline_file, "wb") as f:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(baseline_file.parent)
+        timed("baseline_save", go)
 
-    def ours_load() -> None:
-        ckpt_cfg.verify_checkpoint = True
-        mgr.load(mgr.resolve_resume("latest"))
-
-    def ours_load_sizes_only() -> None:
-        ckpt_cfg.verify_checkpoint = False
-        mgr.load(mgr.resolve_resume("latest"))
+    def ours_load(verify: bool) -> None:
+        sync_mgr.cfg.verify_checkpoint = verify
+        timed("ours_load" if verify else "ours_load_no_sha256", lambda: sync_mgr.load(sync_mgr.resolve_resume("latest")))
 
     def base_load() -> None:
-        sd = torch.load(baseline_file, map_location="cpu", weights_only=True)
-        model.load_state_dict(sd["model"])
-        opt.load_state_dict(sd["optimizer"])
+        def go() -> None:
+            sd = torch.load(baseline_file, map_location="cpu", weights_only=True)
+            model.load_state_dict(sd["model"])
+            opt.load_state_dict(sd["optimizer"])
+        timed("baseline_load", go)
 
-    times: dict[str, list[float]] = {"ours_save": [], "baseline_save": [], "ours_load": [],
-                                     "ours_load_no_sha256": [], "baseline_load": []}
     for i in range(repeats):
-        pairs = [("ours_save", ours_save), ("baseline_save", base_save), ("ours_load", ours_load),
-                 ("ours_load_no_sha256", ours_load_sizes_only), ("baseline_load", base_load)]
+        saves = [sync_save, async_save, base_save]
+        loads = [lambda: ours_load(True), lambda: ours_load(False), base_load]
         if i % 2:  # alternate who goes first so neither always meets a warmer/colder page cache
-            pairs = [pairs[1], pairs[0], pairs[4], pairs[3], pairs[2]]
-        for name, fn in pairs:
-            t0 = time.perf_counter()
+            saves, loads = saves[::-1], loads[::-1]
+        for fn in [*saves, stop_in_flight, *loads]:
             fn()
-            times[name].append(time.perf_counter() - t0)
-            print(f"  run {i + 1}: {name:20s} {times[name][-1]:7.2f} s", flush=True)
+        print(f"  run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v), flush=True)
+
+    loop: dict[str, float] = {}
+    for mode in ("none", "sync", "async"):  # the loop's view: N real steps with saves every k
+        mgr = {"none": None, "sync": sync_mgr, "async": async_mgr}[mode]
+        t0 = time.perf_counter()
+        for s in range(1, loop_steps + 1):
+            train_step()
+            if mgr is not None and s % save_every == 0:
+                state.step += 1
+                mgr.maybe_save(state)
+        if mgr is not None:
+            mgr.wait()  # the last background write counts too
+        loop[mode] = time.perf_counter() - t0
+        print(f"  loop: {loop_steps} steps, saves every {save_every} ({mode}): {loop[mode]:.1f}s", flush=True)
+
     med = {k: statistics.median(v) for k, v in times.items()}
-    ckpt = workdir / "run" / "checkpoints" / "latest"
+    ckpt = workdir / "sync" / "checkpoints" / "latest"
     return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "preset": preset,
         "params": sum(p.numel() for p in model.parameters()),
         "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.iterdir()),
@@ -124,11 +175,12 @@ def run(preset: str, workdir: Path, repeats: int) -> dict[str, Any]:
         "repeats": repeats,
         "times_s": times,
         "median_s": med,
-        "save_ratio": med["ours_save"] / med["baseline_save"],
+        "sync_save_ratio": med["sync_save"] / med["baseline_save"],
+        "blocked_fraction": med["async_blocked"] / med["sync_save"],
         "load_ratio": med["ours_load"] / med["baseline_load"],
         "load_ratio_no_sha256": med["ours_load_no_sha256"] / med["baseline_load"],
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+        "loop": {"steps": loop_steps, "save_every": save_every, "tokens_per_step": tokens, "wall_s": loop,
+                 "sync_overhead": loop["sync"] / loop["none"] - 1, "async_overhead": loop["async"] / loop["none"] - 1},
     }
 
 
@@ -138,24 +190,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default="", help="Folder to write in (default: a temp folder in the current directory, "
                     "so both sides use the filesystem checkpoints normally go to). Removed afterwards.")
     ap.add_argument("--repeats", type=int, default=3, help="Saves/loads per side; medians are reported.")
+    ap.add_argument("--loop_steps", type=int, default=12, help="Training steps of the loop's-view measurement.")
+    ap.add_argument("--save_every", type=int, default=4, help="Save every N steps in the loop's-view measurement.")
+    ap.add_argument("--tokens", type=int, default=128, help="Tokens per training step of the loop's view (1 sequence).")
     ap.add_argument("--output", default="", help="Also write the results as JSON to this file.")
     args = ap.parse_args(argv)
     base = Path(args.dir) if args.dir else Path.cwd()
     base.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=base))
     try:
-        res = run(args.preset, workdir, args.repeats)
+        res = run(args.preset, workdir, args.repeats, args.loop_steps, args.save_every, args.tokens)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     m = res["median_s"]
     print(f"\n{args.preset}: {res['params'] / 1e6:.0f}M params, checkpoint {res['checkpoint_bytes'] / 1e9:.2f} GB "
-          f"(baseline file {res['baseline_bytes'] / 1e9:.2f} GB), median of {args.repeats}")
-    rows = [("save", m["ours_save"], m["baseline_save"], res["save_ratio"]),
-            ("load (sha256 verified)", m["ours_load"], m["baseline_load"], res["load_ratio"]),
-            ("load (sizes only)", m["ours_load_no_sha256"], m["baseline_load"], res["load_ratio_no_sha256"])]
-    print(f"{'':24s}{'ours':>8s}{'torch.save/load':>17s}{'ratio':>8s}  target <= 1.3x")
-    for name, ours, base, ratio in rows:
-        print(f"{name:24s}{ours:7.2f}s{base:16.2f}s{ratio:7.2f}x  {'met' if ratio <= 1.3 else 'NOT met'}")
+          f"(baseline file {res['baseline_bytes'] / 1e9:.2f} GB), median of {args.repeats}; {res['machine']}")
+    print(f"{'':34s}{'ours':>8s}{'reference':>12s}{'ratio':>8s}  target")
+    rows = [("save, synchronous", m["sync_save"], m["baseline_save"], res["sync_save_ratio"], "", None),
+            ("save, async: loop blocked", m["async_blocked"], m["sync_save"], res["blocked_fraction"],
+             "<= 0.15 of sync", 0.15),
+            ("save, async: background write", m["async_background"], m["sync_save"],
+             m["async_background"] / m["sync_save"], "", None),
+            ("stop with a save in flight", m["stop_with_save_in_flight"], m["sync_save"],
+             m["stop_with_save_in_flight"] / m["sync_save"], "", None),
+            ("load (sha256 verified)", m["ours_load"], m["baseline_load"], res["load_ratio"], "<= 1.3x", 1.3),
+            ("load (sizes only)", m["ours_load_no_sha256"], m["baseline_load"], res["load_ratio_no_sha256"], "", None)]
+    for name, ours, ref, ratio, target, bound in rows:
+        verdict = "" if bound is None else (" met" if ratio <= bound else " NOT met")
+        print(f"{name:34s}{ours:7.2f}s{ref:11.2f}s{ratio:7.2f}x  {target}{verdict}")
+    lp = res["loop"]
+    print(f"loop: {lp['steps']} steps of {lp['tokens_per_step']} tokens, a save every {lp['save_every']}: "
+          + ", ".join(f"{k} {v:.1f}s" for k, v in lp["wall_s"].items())
+          + f" (sync +{100 * lp['sync_overhead']:.0f}%, async +{100 * lp['async_overhead']:.0f}%)")
     if args.output:
         Path(args.output).write_text(json.dumps(res, indent=1))
     return 0

@@ -266,3 +266,23 @@ def test_background_save_writes_exactly_what_save_state_writes(tmp_path: Path) -
             "custom_checkpoint_1.pkl"} <= files
     for name in sorted(files):
         assert (ours / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_stop_save_with_a_write_in_flight_waits_for_it_and_is_durable(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """What the trainer does on SIGTERM: a save at the next step boundary with ``force_latest`` while the previous
+    save is still being written in the background. It waits for that write, then saves durably: both verify."""
+    h = Harness(tmp_path, checkpoint_steps=2)
+    h.step()
+    h.step()  # step 2: written in the background
+    in_flight = h.mgr.writer.busy and h.mgr.writer._thread is not None and h.mgr.writer._thread.is_alive()
+    h.state.step += 1  # the next step boundary (no training in between: the write is surely still going)
+    with caplog.at_level(logging.INFO, logger="hf_gpt2_train.checkpoint"):
+        h.mgr.maybe_save(h.state, force_latest=True)
+    assert in_flight, "the step-2 write had already finished: nothing was in flight"
+    assert "finishing the background write of the checkpoint of step 2 first" in caplog.text
+    assert not h.mgr.writer.busy  # nothing left in flight when maybe_save returns
+    root = tmp_path / "checkpoints"
+    for name, step in (("latest", 3), ("latest_backup", 2), ("step_0000002", 2)):
+        v = atomic.verify(root / name, sha256=True)
+        assert v.ok and v.manifest["step"] == step, (name, v.reason)

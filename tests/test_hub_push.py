@@ -6,7 +6,7 @@ file contents travel base64-encoded inside the commit instead of through LFS/xet
 /api/models/{repo}/commit/{rev}`` (NDJSON); and what snapshot_download calls: ``GET
 /api/models/{repo}/revision/{rev}``, ``GET /api/models/{repo}/tree/{rev}`` and ``HEAD``/``GET
 /{repo}/resolve/{rev}/{path}``. Anything else is recorded and answered 404, so a test sees every request the
-client made. ``delay_s`` makes every answer slow; ``down()`` returning True makes every answer a 503.
+client made. ``delay_s`` makes every answer slow; ``down(method)`` returning True answers that request 503.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class FakeHub:
     commits: list[tuple[float, str, list[str]]] = field(default_factory=list)  # (time, message, paths)
     history: list[dict[str, bytes]] = field(default_factory=list)  # the repo's files after each commit
     delay_s: float = 0.0  # every answer waits this long (a slow Hub)
-    down: Callable[[], bool] | None = None  # while it returns True every request gets 503 (a Hub that is down)
+    down: Callable[[str], bool] | None = None  # down(method) True: that request gets 503 (a Hub that is down)
 
     def sha(self, repo: str) -> str:
         return hashlib.sha1(f"{repo}:{len(self.commits)}".encode()).hexdigest()
@@ -78,7 +78,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _unavailable(self) -> bool:
             time.sleep(hub.delay_s)
-            if hub.down is not None and hub.down():
+            if hub.down is not None and hub.down(self.command):
                 self._reply(503, {"error": "Service Unavailable (the stand-in is down)"})
                 return True
             return False

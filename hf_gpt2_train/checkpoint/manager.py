@@ -338,6 +338,8 @@ class CheckpointManager:
 
     def _save(self, state: TrainerState, tiers: list[str], val_loss: float | None, durable: bool) -> Path:
         key = self._state_key(state)
+        if durable and self._in_flight is not None:
+            logger.info("finishing the background write of the checkpoint of step %d first", self._in_flight)
         self.wait()  # the save in flight first: its buffers are reused, its tiers may be linked below
         last = self._last
         if last is not None and last.step == state.step and last.key == key:
