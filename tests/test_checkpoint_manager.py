@@ -286,3 +286,28 @@ def test_stop_save_with_a_write_in_flight_waits_for_it_and_is_durable(tmp_path: 
     for name, step in (("latest", 3), ("latest_backup", 2), ("step_0000002", 2)):
         v = atomic.verify(root / name, sha256=True)
         assert v.ok and v.manifest["step"] == step, (name, v.reason)
+
+
+def test_background_save_holds_the_state_of_its_step_while_training_goes_on(tmp_path: Path) -> None:
+    """The host copy overlaps what follows the save; the optimizer step right after it waits for the copy, so
+    what is written is the state at the save, not a later one. (A 50k-row embedding makes the copy take
+    milliseconds, while the step is issued microseconds after the save returns.)"""
+    from safetensors.torch import load_file
+
+    h = Harness(tmp_path, ModelConfig(**{**vars(TINY), "vocab_size": 50257, "n_embd": 64}), checkpoint_steps=2)
+    h.step()
+    h.cfg.checkpoint_steps = 0
+    h.step()  # step 2, not saved yet: keep a copy of the truth, then save as the trainer does
+    weights = {k: v.clone() for k, v in h.model.state_dict().items()}
+    moments = {i: {k: v.clone() for k, v in st.items()} for i, st in enumerate(h.opt.optimizer.state.values())}
+    for p in h.model.parameters():
+        p.grad = torch.ones_like(p)
+    h.cfg.checkpoint_steps = 2
+    h.mgr.maybe_save(h.state)  # copy and write start in the background
+    h.opt.step()  # changes every weight and moment in place, at once
+    h.mgr.wait()
+    saved = load_file(tmp_path / "checkpoints" / "step_0000002" / "model.safetensors")
+    assert saved.keys() <= weights.keys() and all(torch.equal(saved[k], weights[k]) for k in saved)
+    assert not torch.equal(h.model.state_dict()["transformer.wte.weight"], weights["transformer.wte.weight"])
+    opt_state = torch.load(tmp_path / "checkpoints" / "step_0000002" / "optimizer.bin", weights_only=True)["state"]
+    assert all(torch.equal(opt_state[i][k], moments[i][k]) for i in moments for k in moments[i])

@@ -378,7 +378,8 @@ class CheckpointManager:
             self.capture.write(snap)
             if not self.is_main:
                 return
-            note = "" if durable else f" in the background (training paused {blocked:.2f}s)"
+            note = "" if durable else (f" in the background (training paused {blocked + self.capture.stage_wait_s:.2f}s"
+                                       " for the host copy)")
             manifest.update(self.tiers.promote(tmp, tiers, manifest, note))
             if self.hub is not None:
                 self.hub.saved(self.root / tiers[0], manifest)

@@ -5,9 +5,12 @@ Accelerate's own writers (``save_accelerator_state``, ``save_custom_state``, ``a
 
 * ``capture`` (loop thread, every rank, between two optimizer steps) writes the small state-dependent files at
   once - ``random_states_<rank>.pkl`` (every rank, with the RNG states and ``accelerator.step`` of this moment),
-  ``custom_checkpoint_<i>.pkl`` (``TrainerState``, the loader position), ``scaler.pt`` - and copies the model and
-  optimizer state into host buffers (torch DCP's ``DefaultStager``: pinned memory on CUDA, buffers reused from
-  save to save, tensor aliasing such as GPT-2's tied embedding preserved). A synchronous save skips the copy.
+  ``custom_checkpoint_<i>.pkl`` (``TrainerState``, the loader position), ``scaler.pt`` - and starts copying the
+  model and optimizer state into host buffers (torch DCP's ``DefaultStager``: its own thread, and its own CUDA
+  stream with pinned memory on GPU; buffers reused from save to save; tensor aliasing such as GPT-2's tied
+  embedding preserved). The copy overlaps the next step's forward and backward, which only read the weights:
+  an optimizer step pre-hook makes the next ``optimizer.step()`` wait until the copy is complete, so the
+  copy is always of the state at the save. A synchronous save skips the copy.
 * ``write`` (writer thread) serialises those copies: ``model.safetensors`` (tied weights dropped, as
   ``save_state`` does) and ``optimizer.bin``.
 
@@ -31,7 +34,9 @@ resume read those.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +80,7 @@ class Snapshot:
     fsdp_native: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (file, state) FSDP full
     sharded: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (DCP folder, state) every rank
     tied: list[list[str]] = field(default_factory=list)  # state dict keys that name one parameter
+    staged: Future | None = None  # the host copy being made ({"models", "optimizers"} or {"model", "optimizer"})
 
 
 class StateCapture:
@@ -85,6 +91,9 @@ class StateCapture:
         self.mode = fsdp_mode(accelerator)
         self.is_main = bool(accelerator.is_main_process)
         self._stager: Any = None
+        self._staging: Future | None = None  # the copy the next optimizer step must wait for
+        self._hooked: set[int] = set()
+        self.stage_wait_s = 0.0  # how long the last optimizer step waited for a copy to finish
         self._group: Any = None  # gloo group of the writer threads (FSDP sharded only)
 
     @property
@@ -112,14 +121,13 @@ class StateCapture:
             self._capture_fsdp_sharded(snap, copy)
         elif self.is_main:
             weights = [acc.get_state_dict(m, unwrap=False) for m in acc._models]
+            for hook in acc._save_model_state_pre_hook.values():  # as save_state calls them
+                hook(acc._models, weights, str(folder))
             optimizers = [o.state_dict() for o in acc._optimizers]
             if copy:
-                staged = self._stage({"models": weights, "optimizers": optimizers})
-                weights, optimizers = staged["models"], staged["optimizers"]
-            snap.models, snap.optimizers = weights, optimizers
-        if self.is_main and snap.models:
-            for hook in acc._save_model_state_pre_hook.values():  # as save_state calls them
-                hook(acc._models, snap.models, str(folder))
+                snap.staged = self._stage({"models": weights, "optimizers": optimizers})
+            else:
+                snap.models, snap.optimizers = weights, optimizers
         return snap
 
     def write(self, snap: Snapshot) -> None:
@@ -127,6 +135,13 @@ class StateCapture:
         from accelerate.utils import save
 
         folder = snap.folder
+        if snap.staged is not None:  # the host copy (complete by now unless no optimizer step ran since)
+            staged = snap.staged.result()
+            if self.mode == FSDP_SHARDED:
+                snap.sharded = [("pytorch_model_fsdp_0", {"model": staged["model"]}),
+                                ("optimizer_0", {"optimizer": staged["optimizer"]})]
+            else:
+                snap.models, snap.optimizers = staged["models"], staged["optimizers"]
         for sub, state in snap.sharded:  # every rank its shards, DCP collectives on the writer group only
             import torch.distributed.checkpoint as dcp
 
@@ -146,14 +161,36 @@ class StateCapture:
             save(state, folder / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin"), safe_serialization=False)
 
     # ------------------------------------------------------------------------------------------- internals
-    def _stage(self, obj: Any) -> Any:
+    def _stage(self, obj: Any) -> Future:
+        """Start copying ``obj``'s tensors to host memory in the stager's thread; the next optimizer step waits."""
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+        cuda = self.acc.device.type == "cuda"
         if self._stager is None:
-            cuda = self.acc.device.type == "cuda"
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=cuda))
-        return self._stager.stage(obj)
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+        for opt in self.acc._optimizers:
+            inner = getattr(opt, "optimizer", opt)
+            if id(inner) not in self._hooked:
+                inner.register_step_pre_hook(self._wait_for_staging)
+                self._hooked.add(id(inner))
+        if cuda:  # the copy runs on the stager's stream: the optimizer step queued before it must be done
+            torch.cuda.current_stream().synchronize()
+        self.stage_wait_s = 0.0
+        self._staging = self._stager.stage(obj)
+        return self._staging
+
+    def _wait_for_staging(self, *_: Any) -> None:
+        """Optimizer step pre-hook: the weights and moments may change only once their copy is complete."""
+        fut, self._staging = self._staging, None
+        if fut is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            fut.result()
+        except Exception:  # reported by the writer thread (``write``), as a failed save
+            pass
+        self.stage_wait_s = time.perf_counter() - t0
 
     def _capture_fsdp_full(self, snap: Snapshot) -> None:
         from torch.distributed.checkpoint.state_dict import (
@@ -191,9 +228,10 @@ class StateCapture:
         state = {"model": get_model_state_dict(model, options=opts),
                  "optimizer": get_optimizer_state_dict(model, optimizer, options=opts)}
         if copy:
-            state = self._stage(state)
-        snap.sharded = [("pytorch_model_fsdp_0", {"model": state["model"]}),
-                        ("optimizer_0", {"optimizer": state["optimizer"]})]
+            snap.staged = self._stage(state)
+        else:
+            snap.sharded = [("pytorch_model_fsdp_0", {"model": state["model"]}),
+                            ("optimizer_0", {"optimizer": state["optimizer"]})]
 
 
 def _tied_names(model: torch.nn.Module) -> list[list[str]]:
