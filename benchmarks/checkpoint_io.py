@@ -6,9 +6,11 @@ interleaved in one run so that disk and CPU conditions are shared:
 * sync save: ``CheckpointManager.maybe_save`` with ``--async_checkpoint false`` = the files ``save_state``
   writes, fsync of every file and folder, sha256 (chunked, on all cores), manifest, rename into ``latest`` +
   hard-linked ``step_NNNNNNN``, rotation.
-* async save: the same manager with ``--async_checkpoint true`` (the default): ``blocked`` is the time
-  ``maybe_save`` keeps the training loop (host copy of the state + the small files), ``background`` the time
-  the writer thread then needs for the rest.
+* async save: the same manager with ``--async_checkpoint true`` (the default), followed by one training step
+  as in the loop: ``blocked`` is the time ``maybe_save`` keeps the loop (the small files, starting the host
+  copy) plus the time that step's optimizer step waits for the host copy to finish; ``background`` the time
+  from the return of ``maybe_save`` until the save is on disk. The first asynchronous save, which allocates
+  the host buffers, is reported apart.
 * worst-case graceful stop: a stop signal arriving while an asynchronous save is being written: the stop
   save waits for it, then writes ``latest`` durably. This is the time a launcher must allow between SIGTERM and
   SIGKILL (``torchrun --shutdown_timeout``, Slurm ``--signal``), plus one training step.
@@ -62,7 +64,8 @@ class _Position:
         self.pos = d["pos"]
 
 
-def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: int, tokens: int) -> dict[str, Any]:
+def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: int, tokens: int,
+        parts: set[str]) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from hf_gpt2_train.checkpoint import CheckpointManager
@@ -99,25 +102,32 @@ def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: i
     times: dict[str, list[float]] = {k: [] for k in ("sync_save", "async_blocked", "async_background",
                                                      "stop_with_save_in_flight", "baseline_save", "ours_load",
                                                      "ours_load_no_sha256", "baseline_load")}
+    steps = iter(range(1, 1 << 30))  # every save gets a new step (loads below rewind TrainerState)
 
-    def timed(name: str, fn: Any) -> None:
+    def timed(name: str, fn: Any) -> float:
         t0 = time.perf_counter()
         fn()
         times[name].append(time.perf_counter() - t0)
+        return times[name][-1]
 
     def sync_save() -> None:
-        state.step += 1
+        state.step = next(steps)
         timed("sync_save", lambda: sync_mgr.maybe_save(state))
 
-    def async_save() -> None:
-        state.step += 1
-        timed("async_blocked", lambda: async_mgr.maybe_save(state))
-        timed("async_background", async_mgr.wait)
+    def async_save() -> None:  # as in the loop: save, then the next step (its optimizer step waits for the copy)
+        state.step = next(steps)
+        blocked = timed("async_blocked", lambda: async_mgr.maybe_save(state))
+        t0 = time.perf_counter()
+        train_step()
+        times["async_blocked"][-1] = blocked + async_mgr.capture.stage_wait_s
+        async_mgr.wait()
+        times["async_background"].append(time.perf_counter() - t0)
 
-    def stop_in_flight() -> None:  # SIGTERM right after a save started: wait for it, then save latest durably
-        state.step += 1
+    def stop_in_flight() -> None:  # SIGTERM during the step after a save: wait for its write, save latest durably
+        state.step = next(steps)
         async_mgr.maybe_save(state)
-        state.step += 1
+        train_step()
+        state.step = next(steps)
         timed("stop_with_save_in_flight", lambda: async_mgr.maybe_save(state, force_latest=True))
 
     def base_save() -> None:
@@ -140,47 +150,60 @@ def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: i
             opt.load_state_dict(sd["optimizer"])
         timed("baseline_load", go)
 
-    for i in range(repeats):
-        saves = [sync_save, async_save, base_save]
-        loads = [lambda: ours_load(True), lambda: ours_load(False), base_load]
-        if i % 2:  # alternate who goes first so neither always meets a warmer/colder page cache
-            saves, loads = saves[::-1], loads[::-1]
-        for fn in [*saves, stop_in_flight, *loads]:
+    async_save()  # warm-up: the first asynchronous save allocates the host buffers (reported apart)
+    first_async = {"blocked_s": times["async_blocked"].pop(), "background_s": times["async_background"].pop()}
+    for i in range(repeats if "saves" in parts else 0):  # saves, then loads (a load replaces the optimizer's
+        saves = [sync_save, async_save, base_save]  # tensors: the next host copy allocates new buffers)
+        for fn in saves[::-1] if i % 2 else saves:  # alternate who meets a warmer/colder page cache first
             fn()
-        print(f"  run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v), flush=True)
+        stop_in_flight()
+        print(f"  save run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v), flush=True)
+    if "saves" not in parts and "loads" in parts:
+        sync_save()
+        base_save()
+    for i in range(repeats if "loads" in parts else 0):
+        loads = [lambda: ours_load(True), lambda: ours_load(False), base_load]
+        for fn in loads[::-1] if i % 2 else loads:
+            fn()
+        print(f"  load run {i + 1}: " + ", ".join(f"{k} {times[k][-1]:.2f}s" for k in
+                                                  ("ours_load", "ours_load_no_sha256", "baseline_load")), flush=True)
 
     loop: dict[str, float] = {}
-    for mode in ("none", "sync", "async"):  # the loop's view: N real steps with saves every k
+    for mode in ("none", "sync", "async") if "loop" in parts else ():  # the loop's view: N steps, a save every k
         mgr = {"none": None, "sync": sync_mgr, "async": async_mgr}[mode]
         t0 = time.perf_counter()
         for s in range(1, loop_steps + 1):
             train_step()
             if mgr is not None and s % save_every == 0:
-                state.step += 1
+                state.step = next(steps)
                 mgr.maybe_save(state)
         if mgr is not None:
             mgr.wait()  # the last background write counts too
         loop[mode] = time.perf_counter() - t0
         print(f"  loop: {loop_steps} steps, saves every {save_every} ({mode}): {loop[mode]:.1f}s", flush=True)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
+    load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
     ckpt = workdir / "sync" / "checkpoints" / "latest"
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "load_average_at_end": load_avg,  # other work on the machine (the measurement shares it)
         "preset": preset,
         "params": sum(p.numel() for p in model.parameters()),
         "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.iterdir()),
         "baseline_bytes": baseline_file.stat().st_size,
         "repeats": repeats,
         "times_s": times,
+        "first_async_save": first_async,
         "median_s": med,
         "sync_save_ratio": med["sync_save"] / med["baseline_save"],
         "blocked_fraction": med["async_blocked"] / med["sync_save"],
         "load_ratio": med["ours_load"] / med["baseline_load"],
         "load_ratio_no_sha256": med["ours_load_no_sha256"] / med["baseline_load"],
         "loop": {"steps": loop_steps, "save_every": save_every, "tokens_per_step": tokens, "wall_s": loop,
-                 "sync_overhead": loop["sync"] / loop["none"] - 1, "async_overhead": loop["async"] / loop["none"] - 1},
+                 "sync_overhead": loop["sync"] / loop["none"] - 1 if loop else None,
+                 "async_overhead": loop["async"] / loop["none"] - 1 if loop else None},
     }
 
 
@@ -192,14 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="Saves/loads per side; medians are reported.")
     ap.add_argument("--loop_steps", type=int, default=12, help="Training steps of the loop's-view measurement.")
     ap.add_argument("--save_every", type=int, default=4, help="Save every N steps in the loop's-view measurement.")
-    ap.add_argument("--tokens", type=int, default=128, help="Tokens per training step of the loop's view (1 sequence).")
+    ap.add_argument("--tokens", type=int, default=32, help="Tokens per training step of the loop's view (1 sequence).")
+    ap.add_argument("--parts", default="saves,loads,loop", help="What to measure (comma-separated).")
     ap.add_argument("--output", default="", help="Also write the results as JSON to this file.")
     args = ap.parse_args(argv)
     base = Path(args.dir) if args.dir else Path.cwd()
     base.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=base))
     try:
-        res = run(args.preset, workdir, args.repeats, args.loop_steps, args.save_every, args.tokens)
+        res = run(args.preset, workdir, args.repeats, args.loop_steps, args.save_every, args.tokens,
+                  set(args.parts.split(",")))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     m = res["median_s"]
@@ -219,9 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "" if bound is None else (" met" if ratio <= bound else " NOT met")
         print(f"{name:34s}{ours:7.2f}s{ref:11.2f}s{ratio:7.2f}x  {target}{verdict}")
     lp = res["loop"]
-    print(f"loop: {lp['steps']} steps of {lp['tokens_per_step']} tokens, a save every {lp['save_every']}: "
-          + ", ".join(f"{k} {v:.1f}s" for k, v in lp["wall_s"].items())
-          + f" (sync +{100 * lp['sync_overhead']:.0f}%, async +{100 * lp['async_overhead']:.0f}%)")
+    if lp["wall_s"]:
+        print(f"loop: {lp['steps']} steps of {lp['tokens_per_step']} tokens, a save every {lp['save_every']}: "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in lp["wall_s"].items())
+              + f" (sync +{100 * lp['sync_overhead']:.0f}%, async +{100 * lp['async_overhead']:.0f}%)")
     if args.output:
         Path(args.output).write_text(json.dumps(res, indent=1))
     return 0
