@@ -134,3 +134,27 @@ def test_mirror_with_the_hub_unreachable_warns_and_never_raises(tmp_path: Path, 
         mirror.finish()
     assert "hub: could not push step 1 to x/y" in caplog.text and mirror.pushed == []
     assert not any((tmp_path / "run" / ".hub-mirror").iterdir())  # the staged hard links are gone
+
+
+def test_bad_hub_requests_are_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hub_constants
+
+    from hf_gpt2_train.config import ConfigError, build_config
+    from hf_gpt2_train.hub.mirror import HubMirror
+
+    with pytest.raises(ConfigError, match="--resume_from_checkpoint hub needs --hub_model_id USER/NAME"):
+        build_config(cli={"resume_from_checkpoint": "hub"}).validate()
+    with pytest.raises(ConfigError, match="hub_strategy must be end/every_save/checkpoint/all_checkpoints"):
+        build_config(cli={"hub_strategy": "sometimes"}).validate()
+    hub, server = start_fake_hub()
+    try:
+        hub.repos["erin/empty"], hub.files["erin/empty"] = {}, {"README.md": b"an export, no checkpoint"}
+        monkeypatch.setattr(hub_constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)  # conftest runs the suite offline
+        cfg = build_config(cli={"resume_from_checkpoint": "hub", "hub_model_id": "erin/empty", "hub_token": TOKEN})
+        with pytest.raises(ConfigError, match="erin/empty holds no last-checkpoint/ .*--hub_strategy checkpoint"):
+            HubMirror(cfg, tmp_path / "run").download(tmp_path / "run" / "checkpoints")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())

@@ -121,15 +121,19 @@ class HubMirror:
             if outstanding and not wait:
                 log.warning("hub: not waiting for the upload of step(s) %s (stopped by a signal)", outstanding)
                 return
-            if outstanding:
-                log.info("hub: waiting for the upload of step(s) %s to %s", outstanding, self.repo_id)
+            t0 = time.monotonic()
             while self._busy is not None or self._pending is not None:
-                self._cond.wait()
+                waiting = [j.step for j in (self._busy, self._pending) if j is not None]
+                log.info("hub: waiting for the upload of step(s) %s to %s%s", waiting, self.repo_id,
+                         f" ({time.monotonic() - t0:.0f}s so far)" if time.monotonic() - t0 > 1 else "")
+                self._cond.wait(timeout=60)
 
     def _stage(self, folder: Path, manifest: dict[str, Any], step: int, export: bool,
                in_repo: str | None) -> _Upload:
         from hf_gpt2_train.checkpoint import atomic
 
+        if self._seq == 0:  # snapshots a killed run left behind (hard links that would pin rotated checkpoints)
+            shutil.rmtree(self.output_dir / MIRROR_DIR, ignore_errors=True)
         self._seq += 1
         staging = self.output_dir / MIRROR_DIR / f"step_{step:07d}-{self._seq}"
         shutil.rmtree(staging, ignore_errors=True)
