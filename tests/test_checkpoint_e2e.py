@@ -186,7 +186,7 @@ def test_sigterm_during_a_background_write_then_kill_9_rounds_then_the_printed_c
     assert argv[:3] == ["python", "-m", "hf_gpt2_train"] and argv[-2:] == ["--resume_from_checkpoint", "latest"]
 
     kills, during_write = 0, 0
-    for i in range(1, 8):
+    for i in range(1, 7):
         proc, log = incarnation(i, args)
         if proc.poll() is not None:  # a fast machine finished the run before it could be killed
             assert proc.returncode == 0, log.read_text()[-3000:]
@@ -202,7 +202,7 @@ def test_sigterm_during_a_background_write_then_kill_9_rounds_then_the_printed_c
         kills += proc.wait() == -signal.SIGKILL
         last_logged = max(losses(out))
         visible_checkpoints_valid(root)
-    assert kills >= 5 and during_write >= 2, (kills, during_write)
+    assert kills >= 4 and during_write >= 2, (kills, during_write)
 
     final = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]

@@ -24,7 +24,7 @@ from tests.test_checkpoint_e2e import losses, manifest, train_args
 from tests.test_hub_push import EXPORT_FILES, TOKEN, FakeHub, _clean_env, hub_env, start_fake_hub
 
 REPO_ID = "dora/mirrored-run"
-DELAY_S = 2.0  # every answer of the slow stand-in takes this long; one upload makes at least 2 requests
+DELAY_S = 1.5  # every answer of the slow stand-in takes this long; one upload makes at least 2 requests
 
 
 def train(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

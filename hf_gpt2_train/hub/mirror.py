@@ -191,11 +191,19 @@ class HubMirror:
 
     def _export(self, job: _Upload) -> Path:
         """The export of the staged checkpoint (``hf-gpt2-train export``: stock GPT-2, tokenizer, model card)."""
+        from transformers.utils import logging as hf_logging
+
         from hf_gpt2_train.hub.export import export_hf
 
         out = job.staging / "export"
-        export_hf(job.staging / "checkpoints" / job.tier, out, tokenizer_file=self.cfg.data.tokenizer_file,
-                  repo_id=self.repo_id)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the middle of the training log
+        try:
+            export_hf(job.staging / "checkpoints" / job.tier, out, tokenizer_file=self.cfg.data.tokenizer_file,
+                      repo_id=self.repo_id)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         return out
 
     # --------------------------------------------------------------------------------- resume from the Hub
