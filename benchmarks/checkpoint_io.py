@@ -65,7 +65,7 @@ class _Position:
 
 
 def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: int, tokens: int,
-        parts: set[str]) -> dict[str, Any]:
+        parts: set[str], train_threads: int = 0) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from hf_gpt2_train.checkpoint import CheckpointManager
@@ -169,6 +169,9 @@ def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: i
                                                   ("ours_load", "ours_load_no_sha256", "baseline_load")), flush=True)
 
     loop: dict[str, float] = {}
+    threads = torch.get_num_threads()
+    if train_threads:
+        torch.set_num_threads(train_threads)
     for mode in ("none", "sync", "async") if "loop" in parts else ():  # the loop's view: N steps, a save every k
         mgr = {"none": None, "sync": sync_mgr, "async": async_mgr}[mode]
         t0 = time.perf_counter()
@@ -181,6 +184,7 @@ def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: i
             mgr.wait()  # the last background write counts too
         loop[mode] = time.perf_counter() - t0
         print(f"  loop: {loop_steps} steps, saves every {save_every} ({mode}): {loop[mode]:.1f}s", flush=True)
+    torch.set_num_threads(threads)
 
     med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -191,8 +195,8 @@ def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: i
         "load_average_at_end": load_avg,  # other work on the machine (the measurement shares it)
         "preset": preset,
         "params": sum(p.numel() for p in model.parameters()),
-        "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.iterdir()),
-        "baseline_bytes": baseline_file.stat().st_size,
+        "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.iterdir()) if ckpt.is_dir() else None,
+        "baseline_bytes": baseline_file.stat().st_size if baseline_file.exists() else None,
         "repeats": repeats,
         "times_s": times,
         "first_async_save": first_async,
@@ -202,6 +206,7 @@ def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: i
         "load_ratio": med["ours_load"] / med["baseline_load"],
         "load_ratio_no_sha256": med["ours_load_no_sha256"] / med["baseline_load"],
         "loop": {"steps": loop_steps, "save_every": save_every, "tokens_per_step": tokens, "wall_s": loop,
+                 "train_threads": train_threads or threads,
                  "sync_overhead": loop["sync"] / loop["none"] - 1 if loop else None,
                  "async_overhead": loop["async"] / loop["none"] - 1 if loop else None},
     }
@@ -217,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save_every", type=int, default=4, help="Save every N steps in the loop's-view measurement.")
     ap.add_argument("--tokens", type=int, default=32, help="Tokens per training step of the loop's view (1 sequence).")
     ap.add_argument("--parts", default="saves,loads,loop", help="What to measure (comma-separated).")
+    ap.add_argument("--train_threads", type=int, default=0, help="torch threads for the loop's view (0: torch's "
+                    "default). 1 on a 2-core machine leaves a core to the writer, as a GPU leaves the CPU to it.")
     ap.add_argument("--output", default="", help="Also write the results as JSON to this file.")
     args = ap.parse_args(argv)
     base = Path(args.dir) if args.dir else Path.cwd()
@@ -224,12 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=base))
     try:
         res = run(args.preset, workdir, args.repeats, args.loop_steps, args.save_every, args.tokens,
-                  set(args.parts.split(",")))
+                  set(args.parts.split(",")), args.train_threads)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     m = res["median_s"]
-    print(f"\n{args.preset}: {res['params'] / 1e6:.0f}M params, checkpoint {res['checkpoint_bytes'] / 1e9:.2f} GB "
-          f"(baseline file {res['baseline_bytes'] / 1e9:.2f} GB), median of {args.repeats}; {res['machine']}")
+    gb = {k: f"{res[k] / 1e9:.2f} GB" if res[k] else "-" for k in ("checkpoint_bytes", "baseline_bytes")}
+    print(f"\n{args.preset}: {res['params'] / 1e6:.0f}M params, checkpoint {gb['checkpoint_bytes']} (baseline file "
+          f"{gb['baseline_bytes']}), median of {args.repeats}; {res['machine']}")
     print(f"{'':34s}{'ours':>8s}{'reference':>12s}{'ratio':>8s}  target")
     rows = [("save, synchronous", m["sync_save"], m["baseline_save"], res["sync_save_ratio"], "", None),
             ("save, async: loop blocked", m["async_blocked"], m["sync_save"], res["blocked_fraction"],

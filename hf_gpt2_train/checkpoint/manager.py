@@ -375,12 +375,13 @@ class CheckpointManager:
             self._last_latest_time = time.monotonic()
 
         def write() -> None:
+            started = time.perf_counter()
             self.capture.write(snap)
             if not self.is_main:
                 return
             note = "" if durable else (f" in the background (training paused {blocked + self.capture.stage_wait_s:.2f}s"
-                                       " for the host copy)")
-            manifest.update(self.tiers.promote(tmp, tiers, manifest, note))
+                                       " to take the state)")
+            manifest.update(self.tiers.promote(tmp, tiers, manifest, note, t0 if durable else started))
             if self.hub is not None:
                 self.hub.saved(self.root / tiers[0], manifest)
 

@@ -48,10 +48,11 @@ class TierStore:
         self.keep_last = keep_last
         self.protected: set[str] = set()
 
-    def promote(self, tmp: Path, tiers: list[str], manifest: dict[str, Any], note: str = "") -> dict[str, Any]:
+    def promote(self, tmp: Path, tiers: list[str], manifest: dict[str, Any], note: str = "",
+                started: float | None = None) -> dict[str, Any]:
         """Seal the written save in ``tmp`` and make it ``tiers`` (the first renamed, the others hard links);
-        returns the manifest as written."""
-        t0 = time.perf_counter()
+        returns the manifest as written. ``started``: ``time.perf_counter()`` when the save began (for the log)."""
+        t0 = time.perf_counter() if started is None else started
         manifest = atomic.seal(tmp, manifest)
         primary = tiers[0]
         new = self.root / f".new-{primary}"
