@@ -97,6 +97,8 @@ class RunConfig:
     """Seed for model init, data order and sampling."""
     compile: bool | None = None
     """torch.compile the training forward (default: on for GPU, off for CPU)."""
+    padded_logits: bool | None = None
+    """Loss GEMM over the padded vocabulary (padded columns kept out of the softmax) instead of the real 50257 rows (default: on with --compile, off without)."""
     device_peak_tflops: float = 0.0
     """Peak dense TFLOP/s for MFU (0: known GPUs are looked up; unknown devices report no MFU)."""
 

@@ -21,7 +21,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 
 from hf_gpt2_train.config import Config, ConfigError
 from hf_gpt2_train.errors import NonFiniteLossError
-from hf_gpt2_train.model import build_model, flops_per_token, lm_logits, lm_loss
+from hf_gpt2_train.model import build_model, flops_per_token, setup_training_forward
 from hf_gpt2_train.state import TrainerState
 from hf_gpt2_train.tracking import StepTimer, Tracker, log, log_with, setup_logging
 
@@ -110,16 +110,17 @@ class Trainer:
 
         set_seed(cfg.run.seed)  # same init on every rank
         model = prepare_model_for_precision(build_model(cfg.model), self.plan, cfg.precision)
+        use_compile = cfg.run.compile if cfg.run.compile is not None else acc.device.type == "cuda"
+        # In place, before prepare (DDP/FSDP wrap the compiled blocks); eval runs the same modules eagerly.
+        setup_training_forward(model, use_compile, cfg.run.padded_logits, self.plan.compile_blocks)
         optimizer = build_optimizer(model, cfg, acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        use_compile = cfg.run.compile if cfg.run.compile is not None else acc.device.type == "cuda"
-        # Only the training forward is compiled; eval/sampling/saving use self.model (no _orig_mod.).
-        self.forward = torch.compile(self.model) if use_compile else self.model
 
         self.state = TrainerState()
         o = cfg.optim
         self.train_loader = TrainLoader(data_dir, o.seq_len, o.per_device_train_batch_size, acc.process_index,
-                                        acc.num_processes, cfg.run.seed, cfg.data.shuffle)
+                                        acc.num_processes, cfg.run.seed, cfg.data.shuffle,
+                                        pin_memory=acc.device.type == "cuda")
         acc.register_for_checkpointing(self.state)  # custom_checkpoint_0
         acc.register_for_checkpointing(self.train_loader)  # custom_checkpoint_1
         self.val_batches = val_batches(data_dir, o.seq_len, o.per_device_train_batch_size, cfg.data.val_batches,
@@ -157,9 +158,9 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=acc.device)
         for _ in range(self.accum):
-            x, y = (t.to(acc.device, non_blocking=True) for t in self.train_loader.next_batch())
+            x, y = (t.to(acc.device, non_blocking=True) for t in self.train_loader.next_batch())  # pinned on CUDA
             with acc.accumulate(model):  # no gradient all-reduce on non-final micro-steps
-                loss = lm_loss(lm_logits(self.forward, x, self.cfg.model.vocab_size), y)
+                loss = model(input_ids=x, targets=y)  # the mean loss; the logits stay in the compiled region
                 acc.backward(loss)  # Accelerate divides by the accumulation steps
                 loss_sum += loss.detach()
         loss = loss_sum / self.accum
