@@ -255,8 +255,11 @@ def bench_precision(base: Config, name: str, steps: int, warmup: int, repeats: i
 
 
 def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repeats: int,
-              sequential: bool = False) -> dict[str, Any]:
-    """Benchmark each precision; returns the JSON document (see docs/benchmarks.md for its fields)."""
+              sequential: bool = False, output: Path | None = None) -> dict[str, Any]:
+    """Benchmark each precision; returns the JSON document (see docs/benchmarks.md for its fields).
+
+    ``output``: written after every precision, so a bench stopped part-way (a time limit) keeps what it measured.
+    """
     from accelerate import PartialState
 
     unknown = [p for p in precisions if p not in PRECISION_SPECS]
@@ -272,7 +275,17 @@ def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repea
     cfg.eval.hellaswag = False
     cfg.eval.eval_steps = 0
     cfg.validate(world_size=1)
-    results: dict[str, Any] = {}
+    device = detect_device_type()
+    doc: dict[str, Any] = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"{_cpu_name()}, {torch.get_num_threads()} "
+                  "threads",
+        "preset": cfg.preset, "model": dict(vars(cfg.model)), "seq_len": cfg.optim.seq_len,
+        "micro_batch_size": cfg.optim.per_device_train_batch_size, "tokens_per_step": cfg.optim.total_batch_size,
+        "steps": steps, "warmup": warmup, "repeats": repeats, "sequential": sequential,
+        "versions": {"torch": torch.__version__}, "overhead_ratio": None, "precisions": {},
+    }
+    results = doc["precisions"]
     with tempfile.TemporaryDirectory(prefix="hf-gpt2-bench-") as tmp:
         for name in precisions:
             try:
@@ -280,19 +293,18 @@ def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repea
             except Exception as e:  # noqa: BLE001  one precision's failure must not cost the others' numbers
                 results[name] = {"requested": name, "failed": f"{type(e).__name__}: {e}".strip()[:2000]}
                 _reset_accelerate()
-    measured = [r["overhead_ratio"] for r in results.values() if "overhead_ratio" in r]
-    device = detect_device_type()
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"{_cpu_name()}, {torch.get_num_threads()} "
-                  "threads",
-        "preset": cfg.preset, "model": dict(vars(cfg.model)), "seq_len": cfg.optim.seq_len,
-        "micro_batch_size": cfg.optim.per_device_train_batch_size, "tokens_per_step": cfg.optim.total_batch_size,
-        "steps": steps, "warmup": warmup, "repeats": repeats, "sequential": sequential,
-        "versions": {"torch": torch.__version__},
-        "overhead_ratio": max(measured) if measured else None,
-        "precisions": results,
-    }
+            measured = [r["overhead_ratio"] for r in results.values() if "overhead_ratio" in r]
+            doc["overhead_ratio"] = max(measured) if measured else None
+            if output is not None:
+                _write_json(output, doc)
+    return doc
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)  # a reader (or a kill) never sees half a file
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -331,12 +343,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     steps = args.steps or (10 if on_gpu else 1)
     repeats = args.repeats or (5 if on_gpu else 8)
     warmup = args.warmup if args.warmup >= 0 else (3 if on_gpu else 1)
-    doc = run_bench(cfg, precisions, steps, warmup, repeats, args.sequential)
+    out = Path(args.output) if args.output else None
+    doc = run_bench(cfg, precisions, steps, warmup, repeats, args.sequential, output=out)
     print(format_table(doc))
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2) + "\n")
+    if out is not None:
         print(f"wrote {out}")
     failed = [n for n, r in doc["precisions"].items() if "failed" in r]
     if failed:  # the others were measured and written; the exit code still says something broke
@@ -359,7 +369,8 @@ def register_cli(subparsers: Any) -> None:
                    "allocator; default 3 GPU, 1 CPU).")
     p.add_argument("--repeats", type=int, default=0, help="Segments per loop, alternating ours/plain (default 5 GPU, "
                    "8 CPU).")
-    p.add_argument("--output", default="", help="Write the results as JSON to this file.")
+    p.add_argument("--output", default="", help="Write the results as JSON to this file (rewritten after each "
+                   "precision, so an interrupted bench keeps what it measured).")
     p.add_argument("--sequential", action="store_true", help="Run ours, then the plain loop, with one model on "
                    "the device at a time (for presets too large for two copies); no alternation.")
     add_config_flags(p)
