@@ -418,8 +418,11 @@ def main(out_dir: str) -> int:
             left = budget - (time.monotonic() - t_start)
             rec: dict[str, Any] = {"name": name, "what": what, "cap_s": cap * CAP_SCALE}
             t0 = time.monotonic()
-            if left < MIN_STEP_S:
-                rec.update(status="skipped", error=f"out of time: {left:.0f} s of the budget left", wall_s=0.0)
+            no_gpu = not DRY_RUN and ctx.env_info and not ctx.env_info.get("cuda_available")
+            if left < MIN_STEP_S or no_gpu:
+                why = ("no CUDA device here: run GPU_CHECK_DRY_RUN=1 on a CPU" if no_gpu
+                       else f"out of time: {left:.0f} s of the budget left")
+                rec.update(status="skipped", error=why, wall_s=0.0)
                 doc["steps"].append(rec)
                 continue
             cap = min(cap * CAP_SCALE, left)
