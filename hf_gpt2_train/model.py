@@ -75,9 +75,9 @@ class GPT2TrainingModel(GPT2LMHeadModel):
     call to call (sampling grows by one token per call), which would recompile every time.
     """
 
-    def __init__(self, config: GPT2Config, real_vocab_size: int):
+    def __init__(self, config: GPT2Config, real_vocab_size: int | None = None):
         super().__init__(config)
-        self.real_vocab_size = real_vocab_size
+        self.real_vocab_size = real_vocab_size or config.vocab_size
         """Rows of the (padded) lm_head that are real tokens; the rest never get probability mass."""
         self.padded_logits = False
         """Loss GEMM over all padded rows (True) or the real rows only (False); see ``lm_head_loss``."""
@@ -87,7 +87,9 @@ class GPT2TrainingModel(GPT2LMHeadModel):
     def forward(self, input_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs):
         if targets is None:
-            if torch.compiler.is_compiling():  # traced from outside: let the outer compile decide
+            # Traced from outside (someone compiled the whole model): the outer compile decides. torch < 2.6 has
+            # no set_stance: there the compiled blocks run here too (recompiling per shape, then falling back).
+            if torch.compiler.is_compiling() or not hasattr(torch.compiler, "set_stance"):
                 return super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
             with torch.compiler.set_stance("force_eager"):
                 return super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
