@@ -46,6 +46,11 @@ class Context:
     deadline: float = 0.0
     commands: list[str] = field(default_factory=list)
     env_info: dict[str, Any] = field(default_factory=dict)
+    data_dir: Path | None = None
+    """Shards made by the data step (None: it failed, and the runs use the embedded corpus)."""
+
+    def data(self) -> list[str]:
+        return ["--data_dir", str(self.data_dir)] if self.data_dir else []
 
     def run(self, argv: list[str], env: dict[str, str] | None = None, name: str = "") -> str:
         """Run one command of the current step (its output appended to the log); returns its output.
@@ -147,6 +152,7 @@ if DRY_RUN:
     TRAIN = ["--preset", "quickstart", "--compile", "true"]
     TRAIN_STEPS, TRAIN_SAVE_AT = 6, 3
     TRAIN_BATCH = ["--per_device_train_batch_size", "8", "--total_batch_size", "1024", "--val_batches", "1"]
+    CORPUS_CHARS, VAL_TOKENS = 300_000, 5_000
     FSDP_MODEL = ["--preset", "quickstart", "--per_device_train_batch_size", "8"]  # 2 processes x 8 x 64 = 1024
 else:
     SMALL, LARGE = ["--preset", "gpt2"], ["--preset", "gpt2-large"]
@@ -157,8 +163,9 @@ else:
     FP8 = ["fp8-ao"]
     TRAIN = ["--preset", "gpt2"]  # compile: the GPU default (on)
     TRAIN_STEPS, TRAIN_SAVE_AT = 30, 15
-    # The embedded corpus (no network there) has 20k validation tokens: one 16 x 1024 micro-batch.
-    TRAIN_BATCH = ["--per_device_train_batch_size", "16", "--total_batch_size", "65536", "--val_batches", "1"]
+    TRAIN_BATCH = ["--per_device_train_batch_size", "16", "--total_batch_size", "65536", "--val_batches", "4"]
+    # ~7M tokens: 30 steps of 65,536 tokens stay inside one epoch (every epoch end saves a milestone checkpoint).
+    CORPUS_CHARS, VAL_TOKENS = 24_000_000, 300_000
     FSDP_MODEL = ["--preset", "gpt2"]
 FSDP_BATCH = ["--val_batches", "1"] if DRY_RUN else TRAIN_BATCH
 # HellaSwag off: the GPU machine has no network and its file is not in the working tree.
@@ -174,13 +181,27 @@ def step_env(ctx: Context) -> dict[str, Any]:
     return info
 
 
+def step_data(ctx: Context) -> dict[str, Any]:
+    """Training text without network: this Python's standard library sources (one document per module) as
+    .jsonl, tokenised by `prepare-data` into shards. Too small for this, the embedded corpus would end an epoch
+    every few gpt2 steps, and every epoch end saves a milestone checkpoint (1.5 GB at gpt2)."""
+    corpus, data = ctx.work / "corpus.jsonl", ctx.work / "data"
+    ctx.run([PY, str(Path(__file__)), "--probe-corpus", str(corpus), str(CORPUS_CHARS)], name="write the corpus")
+    ctx.run(cli("prepare-data", "--source", str(corpus), "--output_dir", str(data), "--val_tokens", str(VAL_TOKENS),
+                "--no_progress"), name="prepare-data")
+    manifest = json.loads((data / "manifest.json").read_text())
+    ctx.data_dir = data
+    return {"source": "this Python's standard library sources", "bytes": corpus.stat().st_size,
+            "tokens": manifest["tokens"], "complete": manifest.get("complete")}
+
+
 def _bench(ctx: Context, name: str, model: list[str], batch: list[str], precisions: str,
            extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """One bench run; its JSON is rewritten after each precision, so a step cut short keeps what was measured."""
     path = ctx.work / f"{name}.json"
     error = None
     try:
-        ctx.run(cli("bench", *model, *batch, *BENCH_TIMING, "--precisions", precisions, *extra,
+        ctx.run(cli("bench", *model, *batch, *ctx.data(), *BENCH_TIMING, "--precisions", precisions, *extra,
                     "--output", str(path)), name=f"bench {precisions}")
     except (StepError, TimeoutError) as e:
         if not path.exists():
@@ -229,7 +250,7 @@ def _metrics(run_dir: Path) -> dict[int, float]:
 def step_train_resume(ctx: Context) -> dict[str, Any]:
     """A real run that saves mid-way, then a second run resumed from that checkpoint: same losses after it."""
     full, resumed = ctx.work / "train_full", ctx.work / "train_resumed"
-    common = [*TRAIN, *TRAIN_BATCH, *RUN_FLAGS, "--max_steps", str(TRAIN_STEPS),
+    common = [*TRAIN, *TRAIN_BATCH, *ctx.data(), *RUN_FLAGS, "--max_steps", str(TRAIN_STEPS),
               "--checkpoint_steps", str(TRAIN_SAVE_AT), "--eval_steps", str(TRAIN_SAVE_AT)]
     t0 = time.monotonic()
     ctx.run(cli("train", *common, "--output_dir", str(full)), name="uninterrupted run")
@@ -258,7 +279,7 @@ def step_fsdp2(ctx: Context) -> dict[str, Any]:
     (accelerate_configs/fsdp.yaml) on one GPU. Dry run: tests/fsdp_harness.py, which switches Accelerate's
     MULTI_CPU state to FSDP2 on 2 gloo processes (Accelerate enables FSDP only on GPU backends)."""
     run_dir, export_dir = ctx.work / "fsdp2", ctx.work / "fsdp2_export"
-    args = ["train", *FSDP_MODEL, *FSDP_BATCH, *RUN_FLAGS, "--max_steps", "10", "--checkpoint_steps", "10",
+    args = ["train", *FSDP_MODEL, *FSDP_BATCH, *ctx.data(), *RUN_FLAGS, "--max_steps", "10", "--checkpoint_steps", "10",
             "--eval_steps", "10", "--output_dir", str(run_dir)]
     if DRY_RUN:
         argv = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -277,6 +298,7 @@ def step_fsdp2(ctx: Context) -> dict[str, Any]:
 
 STEPS: list[tuple[str, float, Callable[[Context], dict[str, Any]], str]] = [
     ("env", 45, step_env, "GPU, driver, torch/CUDA, fp8 backends, offline vocabulary, pinned batches"),
+    ("data", 40, step_data, "training text without network: the Python stdlib sources, prepare-data"),
     ("bench_gpt2", 130, _bench_step("bench_gpt2", SMALL, SMALL_BATCH), "gpt2: ours vs plain, bf16 / fp8 ao / TE"),
     ("bench_gpt2_large", 120, _bench_step("bench_gpt2_large", LARGE, LARGE_BATCH), "gpt2-large: the same"),
     ("train_resume", 100, step_train_resume, f"{TRAIN_STEPS}-step train with compile, save, resume, same losses"),
@@ -343,6 +365,26 @@ def _probe_pinned() -> Any:
         return bool(x.is_pinned() and y.is_pinned() and x.equal(x0) and y.equal(y0))
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
+
+
+def probe_corpus(path: str, max_chars: int) -> None:
+    """Write this Python's standard library sources (sorted, site-packages excluded) as .jsonl, up to max_chars."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
+    total = 0
+    with open(path, "w") as f:
+        for p in files:
+            try:
+                text = p.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            f.write(json.dumps({"text": text}) + "\n")
+            total += len(text)
+            if total >= max_chars:
+                break
+    print(json.dumps({"files": len(files), "chars": total}))
 
 
 def probe_export(path: str) -> None:
@@ -457,6 +499,8 @@ def main(out_dir: str) -> int:
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "--probe-env":
         probe_env()
+    elif len(sys.argv) == 4 and sys.argv[1] == "--probe-corpus":
+        probe_corpus(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) == 3 and sys.argv[1] == "--probe-export":
         probe_export(sys.argv[2])
     elif len(sys.argv) == 2 and not sys.argv[1].startswith("-"):

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 
-STEPS = ["env", "bench_gpt2", "bench_gpt2_large", "train_resume", "fsdp2", "bench_gpt2_real_vocab_logits",
+STEPS = ["env", "data", "bench_gpt2", "bench_gpt2_large", "train_resume", "fsdp2", "bench_gpt2_real_vocab_logits",
          "bench_gpt2_fp8_lm_head"]
 
 
@@ -35,6 +35,8 @@ def test_dry_run_writes_every_step_ok(tmp_path):
     env_info = steps["env"]["result"]
     assert env_info["datasets_importable"] is False  # the dry run really ran without `datasets`
     assert env_info["gpt2_vocabulary_offline"] is True and env_info["fp8_backends"]["torchao"] is True
+    data = steps["data"]["result"]
+    assert data["complete"] and data["tokens"]["train"] > 20_000 and data["tokens"]["val"] >= 5_000
     for name in ("bench_gpt2", "bench_gpt2_large"):
         rows = steps[name]["result"]["precisions"]
         assert set(rows) == {"no", "fp8-ao-emulated", "fp8-te"}
