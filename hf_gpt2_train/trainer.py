@@ -23,7 +23,7 @@ from hf_gpt2_train.config import Config, ConfigError
 from hf_gpt2_train.errors import NonFiniteLossError
 from hf_gpt2_train.model import build_model, flops_per_token, lm_logits, lm_loss
 from hf_gpt2_train.state import TrainerState
-from hf_gpt2_train.tracking import StepTimer, Tracker, log, log_with, setup_logging
+from hf_gpt2_train.tracking import StepTimer, Tracker, hardware, log, log_with, setup_logging
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -36,6 +36,22 @@ def lr_at(step: int, cfg: Config) -> float:
         return min_lr
     ratio = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_lr_ratio")
+
+
+def schedule_change(saved_config: dict[str, Any] | None, cfg: Config, step: int) -> str | None:
+    """One warning line when a resume changes the LR schedule the checkpoint was trained with, else None."""
+    old = (saved_config or {}).get("optim") or {}
+    changed = [k for k in SCHEDULE_KEYS if k in old and old[k] != getattr(cfg.optim, k)]
+    if not changed:
+        return None
+    before = Config.from_dict({"optim": {k: old[k] for k in SCHEDULE_KEYS if k in old}})
+    diffs = ", ".join(f"{k} {old[k]} -> {getattr(cfg.optim, k)}" for k in changed)
+    return (f"resuming with a changed LR schedule ({diffs}): the schedule now ends at step {cfg.optim.max_steps:,} "
+            f"(was {before.optim.max_steps:,}) and the lr at step {step:,} becomes {lr_at(step, cfg):.2e} "
+            f"(was {lr_at(step, before):.2e}); pass the old values to keep the old schedule")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
@@ -130,7 +146,7 @@ class Trainer:
         self.run_info.update({
             **precision_info(self.plan, coverage),
             "world_size": acc.num_processes, "grad_accum_steps": self.accum, "compile": use_compile,
-            "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else platform.processor() or "cpu",
+            **dict(zip(("device", "hardware"), hardware(acc.device.type, acc.num_processes), strict=True)),
             "data_dir": str(data_dir), "versions": _versions(),
         })
         self.shutdown = GracefulShutdown()
@@ -179,16 +195,20 @@ class Trainer:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         resume = self.resume_path
         if resume is not None:  # load() logs what it loaded (it may fall back past a damaged checkpoint)
-            resume = Path(self.checkpoints.load(resume)["path"])
+            manifest = self.checkpoints.load(resume)
+            resume = Path(manifest["path"])
+            if warning := schedule_change(manifest.get("config"), cfg, state.step):
+                log.warning(warning)
         self.run_info["resumed_from"] = str(resume) if resume else None
         if acc.is_main_process:
             (self.output_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=2, default=str))
         log.info("%s; %d process(es), %d accumulation step(s), %s tokens/step", self.precision_line,
                  acc.num_processes, self.accum, f"{cfg.optim.total_batch_size:,}")
-        tracker = Tracker(acc, self.output_dir, cfg.run.run_name, self.run_info, state.step, cfg.optim.max_steps)
-        timer, started, wall0 = StepTimer(state.step), time.time(), state.wall_time
+        tracker = Tracker(acc, self.output_dir, cfg.run.run_name, self.run_info, state.step, cfg.optim.max_steps,
+                          state.tokens_seen, cfg.optim.total_batch_size)
+        timer, started, wall0 = tracker.timer, time.time(), state.wall_time
         stopped_by_signal = False
-        with self.shutdown:
+        with self.shutdown, tracker.bar_closed_on_error():
             while state.step < cfg.optim.max_steps:
                 loss, grad_norm, lr = self.train_step()
                 state.step += 1
@@ -201,12 +221,17 @@ class Trainer:
                     self._log_train(tracker, timer, loss, grad_norm, lr)
                 val_loss = None
                 if self.evaluator.due(state.step, final):
-                    metrics, samples = self.evaluator.run(state.step)
+                    with timer.paused("eval"):  # eval and save time stay out of tokens/s, MFU and ETA
+                        metrics, samples = self.evaluator.run(state.step)
                     tracker.log_eval(state.step, metrics, samples)
                     val_loss = state.last_val_loss = metrics.get("eval/val_loss")
+                    state.last_val_step = state.step
                 stopped_by_signal = self.shutdown.should_stop()
-                self.checkpoints.maybe_save(state, val_loss=val_loss, epoch_ended=epoch_ended, final=final,
-                                            force_latest=stopped_by_signal)
+                with timer.paused("checkpoint"):
+                    saved = self.checkpoints.maybe_save(state, val_loss=val_loss, epoch_ended=epoch_ended,
+                                                        final=final, force_latest=stopped_by_signal)
+                if saved is not None:
+                    tracker.log_checkpoint(state.step)
                 if stopped_by_signal:
                     break
         tracker.finish()
@@ -242,7 +267,8 @@ class Trainer:
             "train/loss": loss_mean, "train/lr": lr, "train/grad_norm": float(grad_norm),
             "perf/tokens_per_sec": tok_s, "perf/step_time_ms": 1000 * step_time,
             "time/elapsed_hours": state.wall_time / 3600,
-            "time/eta_hours": (cfg.optim.max_steps - state.step) * step_time / 3600,
+            "time/eta_hours": (cfg.optim.max_steps - state.step) * (step_time + timer.overhead_per_step(state.step))
+            / 3600,
         }
         if self.peak_flops:
             metrics["perf/mfu"] = self.flops_per_token * tok_s / (self.peak_flops * acc.num_processes)

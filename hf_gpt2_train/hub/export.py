@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from hf_gpt2_train.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
 TIERS = ("final", "best", "latest", "latest_backup")
 TIER_ALIASES = {"backup": "latest_backup"}
@@ -134,15 +134,25 @@ def _recover(out_dir: Path) -> None:
             os.replace(old, out_dir)
 
 
+def export_config(mcfg: ModelConfig) -> GPT2Config:
+    """The export's config: every key of OpenAI's own gpt2 config.json, so tools written against the original
+    checkpoints read it (llama.cpp's convert_hf_to_gguf.py reads ``n_ctx``, which transformers no longer writes)."""
+    from hf_gpt2_train.model import hf_config
+
+    cfg = hf_config(mcfg, padded=False)
+    cfg.use_cache = True  # training turns the KV cache off; generation from the export wants it
+    cfg.architectures = ["GPT2LMHeadModel"]
+    cfg.n_ctx = mcfg.n_positions
+    cfg.task_specific_params = {"text-generation": {"do_sample": True, "max_length": min(50, mcfg.n_positions)}}
+    return cfg
+
+
 def _build_hf_model(state: dict, mcfg: ModelConfig) -> GPT2LMHeadModel:
     """A stock GPT2LMHeadModel holding ``state`` (HF layout), built without a throw-away random init."""
     import torch
     from transformers import GenerationConfig, GPT2LMHeadModel
 
-    from hf_gpt2_train.model import hf_config
-
-    cfg = hf_config(mcfg, padded=False)
-    cfg.use_cache = True  # training turns the KV cache off; generation from the export wants it
+    cfg = export_config(mcfg)
     with torch.device("meta"):
         model = GPT2LMHeadModel(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -185,7 +195,8 @@ def export_hf(checkpoint: Path, out_dir: Path, tokenizer_file: str = "", *, lice
     loading snippet of the model card (default: the export folder's path).
     """
     from hf_gpt2_train.data.tokenizer import get_encoding
-    from hf_gpt2_train.hub.card import collect_run_record, plot_loss_curve, render_model_card
+    from hf_gpt2_train.hub.card import collect_run_record, render_model_card
+    from hf_gpt2_train.hub.loss_plot import plot_loss_curve
     from hf_gpt2_train.hub.tokenizer import save_hf_tokenizer
     from hf_gpt2_train.model import load_trained_model, to_hf_state_dict
 

@@ -1,0 +1,263 @@
+"""What the user sees while training: the terminal (under a real pseudo-terminal), honest throughput when
+evaluations are slow, samples that render as Markdown blocks, the schedule-change warning on resume."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import statistics
+import struct
+import subprocess
+import sys
+import termios
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")
+BAR = re.compile(r"train: +\d+%\|")
+CSI = re.compile(r"\x1b\[(\d*)([A-Za-z])")
+
+
+# ----------------------------------------------------------------------------------------- the terminal
+def run_in_pty(argv: list[str], timeout: int = 900, cols: int = 120) -> tuple[int, str]:
+    """Run argv with stdin/stdout/stderr on a pseudo-terminal (as in a user's shell); exit code and raw output."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, cols, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        os.close(master)
+    return proc.returncode, b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def screen(raw: str) -> list[str]:
+    """What a terminal shows after ``raw``: \\r returns to column 0 and overwrites, \\n moves down, ESC[nA up."""
+    lines: list[list[str]] = [[]]
+    row = col = 0
+    i = 0
+    while i < len(raw):
+        m = CSI.match(raw, i)
+        if m:
+            if m.group(2) == "A":
+                row = max(0, row - int(m.group(1) or 1))
+            i = m.end()
+            continue
+        ch = raw[i]
+        i += 1
+        if ch == "\r":
+            col = 0
+        elif ch == "\n":
+            row += 1
+            col = 0
+            while len(lines) <= row:
+                lines.append([])
+        else:
+            line = lines[row]
+            line.extend(" " * (col - len(line) + 1) if col >= len(line) else "")
+            line[col] = ch
+            col += 1
+    return ["".join(x).rstrip() for x in lines]
+
+
+@dataclass
+class TerminalRun:
+    output_dir: Path
+    returncode: int
+    terminal: str  # raw bytes the terminal received, decoded
+
+
+@pytest.fixture(scope="module")
+def quickstart_in_terminal(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> TerminalRun:
+    """A short quickstart run (defaults: TensorBoard on) in a pseudo-terminal.
+
+    Same shape as the session fixture ``readme_quickstart`` (output dir, exit code, terminal output): the
+    tests below can move onto it. HellaSwag from ../shared with a small limit keeps it short and offline.
+    """
+    out = tmp_path_factory.mktemp("pty") / "quickstart"
+    code, raw = run_in_pty([sys.executable, "-m", "hf_gpt2_train", "train", "--preset", "quickstart",
+                            "--output_dir", str(out), "--max_steps", "12", "--logging_steps", "2",
+                            "--eval_steps", "6", "--checkpoint_steps", "6", "--hellaswag_path",
+                            str(shared_data / "hellaswag_val.jsonl"), "--hellaswag_limit", "8"])
+    return TerminalRun(out, code, raw)
+
+
+def test_terminal_shows_one_live_bar_and_log_lines_on_their_own(quickstart_in_terminal: TerminalRun) -> None:
+    run = quickstart_in_terminal
+    assert run.returncode == 0, run.terminal[-3000:]
+    shown = screen(run.terminal)
+    logs = [x for x in shown if LOG_LINE.search(x)]
+    bars = [x for x in shown if BAR.search(x)]
+    assert len(logs) >= 10, shown  # step lines, eval, samples, checkpoint saves
+    for line in logs:  # every log line starts at column 0 and no bar is glued to it
+        assert LOG_LINE.match(line) and "%|" not in line, line
+    # the bar was live (it redrew between log lines) but only its final state stays on screen
+    assert len(re.findall(r"\rtrain: +\d+%\|", run.terminal)) > 10
+    assert len(bars) == 1 and "12/12" in bars[0], bars
+    assert shown.index(bars[0]) > max(shown.index(x) for x in logs)  # below the last log line
+    # extras in a fixed order: loss, tok/s, lr; no second ETA next to tqdm's own
+    assert re.search(r"loss=\d+\.\d{3}, tok/s=[\d,]+, lr=\d\.\de-\d\d\]$", bars[0]), bars[0]
+    assert "eta_h" not in run.terminal
+
+
+# ----------------------------------------------------------------------------------------- throughput
+@pytest.fixture(scope="module")
+def slow_eval_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """Defaults, but every evaluation is long (all the embedded val batches, 40 HellaSwag examples, long samples)
+    next to 1-step logging intervals; output through pipes (not a terminal), as in CI or `> log`."""
+    out = tmp_path_factory.mktemp("slow_eval") / "run"
+    proc = run_cli("train", "--preset", "quickstart", "--output_dir", str(out), "--max_steps", "16",
+                   "--logging_steps", "1", "--eval_steps", "5", "--checkpoint_steps", "5", "--val_batches", "19",
+                   "--hellaswag_path", str(shared_data / "hellaswag_val.jsonl"), "--hellaswag_limit", "40",
+                   "--sample_max_new_tokens", "48", check=True)
+    return out, proc
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_eval_and_save_time_stay_out_of_tokens_per_second(slow_eval_run) -> None:
+    out, _ = slow_eval_run
+    rows = _rows(out)
+    train = {r["step"]: r for r in rows if "perf/tokens_per_sec" in r}
+    eval_s = {r["step"]: r["time/eval_seconds"] for r in rows if "time/eval_seconds" in r}
+    ckpt_s = {r["step"]: r["time/checkpoint_seconds"] for r in rows if "time/checkpoint_seconds" in r}
+    assert sorted(eval_s) == [5, 10, 15, 16] and sorted(ckpt_s) == [5, 10, 15, 16]
+    after_eval = [s + 1 for s in (5, 10)]  # the intervals that would contain an evaluation and a save
+    others = [train[s]["perf/tokens_per_sec"] for s in train if s not in after_eval and s > 1]  # 1: warm-up
+    step_s = statistics.median(train[s]["perf/step_time_ms"] / 1000 for s in train if s > 1)
+    for s in after_eval:
+        # the evaluation really took several training steps' time, so counting it would cut tokens/s to < 1/3...
+        assert eval_s[s - 1] > 3 * step_s, (eval_s, step_s)
+        # ...yet the interval after it reads like any other (compared with the same run: no absolute bound)
+        assert train[s]["perf/tokens_per_sec"] > 0.5 * statistics.median(others), (s, train[s], others)
+
+
+def test_metrics_lines_carry_cumulative_tokens(slow_eval_run) -> None:
+    out, _ = slow_eval_run
+    for r in _rows(out):
+        assert r["tokens"] == r["step"] * 1024, r  # the quickstart's 1,024 tokens per step
+
+
+def test_output_without_a_terminal_is_plain_log_lines(slow_eval_run) -> None:
+    out, proc = slow_eval_run
+    assert "%|" not in proc.stdout + proc.stderr and "step/s" not in proc.stdout + proc.stderr
+    assert len([x for x in proc.stdout.splitlines() if LOG_LINE.match(x) and "| loss " in x]) == 16
+    assert (out / "train.log").read_text().splitlines() == [x for x in proc.stdout.splitlines() if LOG_LINE.match(x)]
+
+
+def test_resume_that_changes_the_schedule_warns_once_with_old_and_new(slow_eval_run, tmp_path: Path) -> None:
+    import shutil
+
+    src, _ = slow_eval_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    proc = run_cli("train", "--preset", "quickstart", "--output_dir", str(out), "--max_steps", "12",
+                   "--learning_rate", "2e-3", "--resume_from_checkpoint", str(out / "checkpoints" / "step_0000010"),
+                   "--report_to", "none",  # this test is about the console line; TensorBoard is checked elsewhere
+                   "--eval_steps", "0", "--checkpoint_steps", "0", "--logging_steps", "5", "--hellaswag", "false",
+                   check=True)
+    lines = [x for x in proc.stdout.splitlines() if "changed LR schedule" in x]
+    assert len(lines) == 1, proc.stdout
+    line = lines[0]
+    assert " WARNING " in line and "max_steps 16 -> 12" in line and "learning_rate 0.004 -> 0.002" in line
+    assert "ends at step 12 (was 16)" in line and "lr at step 10" in line
+    # same schedule: no warning
+    proc = run_cli("train", "--preset", "quickstart", "--output_dir", str(out), "--max_steps", "12",
+                   "--learning_rate", "2e-3", "--resume_from_checkpoint", "latest", "--report_to", "none",
+                   "--hellaswag", "false", "--eval_steps", "0", check=True)
+    assert "changed LR schedule" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- unit level
+def test_samples_render_as_one_markdown_block_each_in_tensorboard() -> None:
+    from tensorboard import plugin_util
+
+    from hf_gpt2_train.tracking import samples_markdown
+
+    prompts = ["Hello, I'm a language model,", "The meaning of life is", "`code` *x*"]
+    tricky = ["+ a list item\n>>> nested quote\n# heading\n\n    indented", "```\nfence inside\n```\n<b>html</b>",
+              "plain words"]
+    samples = [f"{p} -> {c}" for p, c in zip(prompts, tricky, strict=True)]
+    html = plugin_util.markdown_to_safe_html(samples_markdown(samples, prompts))
+    blocks = re.findall(r"<pre><code[^>]*>(.*?)</code></pre>", html, flags=re.S)
+    import html as html_lib
+
+    assert [html_lib.unescape(b).rstrip("\n") for b in blocks] == tricky
+    outside = re.sub(r"<pre>.*?</pre>", "", html, flags=re.S)
+    for tag in ("<ul", "<ol", "<blockquote", "<h1", "<b>"):
+        assert tag not in outside, (tag, html)
+    for p in prompts:  # each prompt shown verbatim, set apart from its continuation
+        assert f"<code>{html_lib.escape(p, quote=False)}</code>" in outside.replace("<code> ", "<code>").replace(
+            " </code>", "</code>"), html
+
+
+def test_step_timer_excludes_paused_time() -> None:
+    from hf_gpt2_train.tracking import StepTimer
+
+    timer = StepTimer(0)
+    time.sleep(0.05)
+    with timer.paused("eval"):
+        time.sleep(0.3)
+    dt, n = timer.lap(1)
+    assert n == 1 and 0.04 < dt < 0.25 and timer.last["eval"] >= 0.3
+    assert timer.overhead_per_step(1) == pytest.approx(timer.last["eval"])
+
+
+def test_schedule_change_names_every_changed_key() -> None:
+    from hf_gpt2_train.config import build_config
+    from hf_gpt2_train.trainer import schedule_change
+
+    old = build_config("quickstart")
+    assert schedule_change(old.to_dict(), old, 80) is None
+    new = build_config("quickstart", cli={"max_steps": 200, "warmup_steps": 20, "min_lr_ratio": 0.2})
+    msg = schedule_change(old.to_dict(), new, 80)
+    assert "max_steps 120 -> 200" in msg and "warmup_steps 10 -> 20" in msg and "min_lr_ratio 0.1 -> 0.2" in msg
+    # by hand: old 4e-4 + 0.5 (1 + cos(pi 70/110)) 3.6e-3 = 1.45e-3; new 8e-4 + 0.5 (1 + cos(pi/3)) 3.2e-3 = 3.2e-3
+    assert "the schedule now ends at step 200 (was 120)" in msg
+    assert "lr at step 80 becomes 3.20e-03 (was 1.45e-03)" in msg, msg
+    assert "\n" not in msg
+
+
+def test_checkpoints_list_marks_a_val_loss_measured_at_another_step() -> None:
+    from hf_gpt2_train.checkpoint.cli import val_loss_cell
+
+    assert val_loss_cell({"step": 80, "val_loss": 4.25, "val_loss_step": 80}) == "4.2500"
+    assert val_loss_cell({"step": 117, "val_loss": 4.25, "val_loss_step": 80}) == "4.2500 (step 80)"
+    assert val_loss_cell({"step": 117, "val_loss": None, "val_loss_step": None}) == "-"
+    assert val_loss_cell({"step": 117, "val_loss": 4.25}) == "4.2500 (step ?)"  # manifests from before the field
+
+
+def test_precision_names_say_what_runs() -> None:
+    from hf_gpt2_train.precision import precision_name
+
+    assert [precision_name(p) for p in ("no", "fp32", "fp16", "bf16")] == ["fp32", "fp32", "fp16", "bf16"]
+    assert precision_name("fp8-te", 0.893) == "fp8 (te, coverage 89%)"
+    assert precision_name("fp8-ao", 0.42) == "fp8 (ao, coverage 42%)"
+    assert precision_name("fp8-ao-emulated", 1.0) == "fp8 (ao emulated, coverage 100%)"
