@@ -185,7 +185,7 @@ def test_fp8_on_cpu_without_emulation_falls_back_to_fp32_with_one_warning():
     assert plan.fell_back and plan.kwargs_handlers == [] and len(plan.warnings) == 1
     assert "fp32" in plan.warnings[0] and "--fp8_emulate" in plan.warnings[0]
     info = precision_info(plan, None)
-    assert info["requested_precision"] == "fp8" and info["effective_precision"] == "no"
+    assert info["requested_precision"] == "fp8" and info["effective_precision"] == "fp32"
     assert info["fp8_backend"] is None and info["fp8_coverage"] == 0.0
     assert "(requested fp8)" in describe(plan)
 
@@ -240,7 +240,7 @@ def test_missing_torchao_falls_back_and_the_plan_still_builds_an_accelerator(tmp
                           cwd=tmp_path, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info["requested_precision"] == "fp8" and info["effective_precision"] == "no"
+    assert info["requested_precision"] == "fp8" and info["effective_precision"] == "fp32"
     assert info["fp8_backend"] is None and info["fp8_coverage"] == 0.0
     assert len(info["warnings"]) == 1 and "torchao is not importable" in info["warnings"][0]
     assert "pip install torchao" in info["warnings"][0]

@@ -31,7 +31,7 @@ def test_quickstart_contract_runs_offline_and_learns(tmp_path):
     assert first > 9.0  # ~ln(50257) at init
     assert last < first - 3.0, (first, last)
     info = json.loads((out / "run_info.json").read_text())
-    assert info["effective_precision"] == "no" and info["world_size"] == 1
+    assert info["effective_precision"] == "fp32" and info["precision"] == "fp32" and info["world_size"] == 1
     assert (out / "train.log").read_text().count("step ") >= 6
     assert (out / "checkpoints" / "final" / "manifest.json").is_file()
     val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval/val_loss" in x]

@@ -17,9 +17,14 @@ def ema(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def smoothing_weight(n_points: int) -> float:
-    """0.6 for a few dozen points (a short run) up to 0.95 for thousands: about the last 1-2% of the run."""
-    return min(0.95, max(0.6, 1.0 - 20.0 / max(1, n_points)))
+def smooth(values: list[float]) -> list[float]:
+    """EMA forwards then backwards over the run (no lag: a one-way EMA trails a fast-falling loss by its window),
+    with a window of about 2% of the points (none for a dozen points: a short run has nothing to smooth)."""
+    window = len(values) / 50
+    if window <= 1:
+        return list(values)
+    weight = 1.0 - 1.0 / window
+    return ema(ema(values, weight)[::-1], weight)[::-1]
 
 
 def y_limits(smoothed: list[float], val: list[float], raw: list[float]) -> tuple[float, float, bool]:
@@ -37,7 +42,7 @@ def y_limits(smoothed: list[float], val: list[float], raw: list[float]) -> tuple
 def plot_loss_curve(rec: RunRecord, path: Path) -> bool:
     """Train/val loss against step as a PNG (matplotlib Agg, no display needed). False if nothing to plot.
 
-    The train curve is EMA-smoothed with the raw per-log values faint behind it; val loss is on the same axes;
+    The train curve is EMA-smoothed (``smooth``) with the raw per-log values faint behind it; val loss is on the same axes;
     every resume of the run (``event: resume`` lines of metrics.jsonl) is a dotted vertical line.
     """
     train = [(r["step"], v) for r in rec.metrics if (v := _finite(_first(r, TRAIN_LOSS))) is not None]
@@ -53,7 +58,7 @@ def plot_loss_curve(rec: RunRecord, path: Path) -> bool:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     steps, raw = ([s for s, _ in train], [v for _, v in train]) if train else ([], [])
-    smoothed = ema(raw, smoothing_weight(len(raw))) if raw else []
+    smoothed = smooth(raw)
     if train:
         ax.plot(steps, raw, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (raw, per log step)")
         ax.plot(steps, smoothed, color="tab:blue", linewidth=1.8, label="train loss (EMA-smoothed)")
