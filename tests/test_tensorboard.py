@@ -145,6 +145,14 @@ def test_one_run_folder_per_run_name_whatever_the_resumes(resumed_run: Run) -> N
     assert set(raw.values()) == {1}, raw  # once, though the run started twice
 
 
+def test_metrics_jsonl_marks_the_resume_for_the_loss_plot(resumed_run: Run) -> None:
+    from hf_gpt2_train.hub.card import read_metrics
+    from hf_gpt2_train.hub.loss_plot import resume_steps
+
+    assert resume_steps(read_metrics(resumed_run.output_dir / "metrics.jsonl")) == [4]
+    assert all(m["tokens"] == m["step"] * 1024 for m in resumed_run.metrics)
+
+
 def test_resume_that_changes_the_schedule_warns_once(resumed_run: Run) -> None:
     lines = [x for x in resumed_run.resume_stdout.splitlines() if "changed LR schedule" in x]
     assert len(lines) == 1, resumed_run.resume_stdout

@@ -238,3 +238,29 @@ def test_precision_names_say_what_runs() -> None:
     assert precision_name("fp8-te", 0.893) == "fp8 (te, coverage 89%)"
     assert precision_name("fp8-ao", 0.42) == "fp8 (ao, coverage 42%)"
     assert precision_name("fp8-ao-emulated", 1.0) == "fp8 (ao emulated, coverage 100%)"
+
+
+def test_loss_plot_smooths_without_lag_and_does_not_let_the_first_steps_squeeze_the_axis(tmp_path: Path) -> None:
+    import math
+    import random
+
+    from hf_gpt2_train.hub.card import RunRecord
+    from hf_gpt2_train.hub.loss_plot import ema, plot_loss_curve, smooth, y_limits
+
+    rng = random.Random(0)
+    steps = list(range(10, 5001, 10))
+    true = [3.2 + 7.6 * math.exp(-s / 150) for s in steps]
+    raw = [t + rng.gauss(0, 0.1) for t in true]
+    smoothed = smooth(raw)
+    err = [abs(a - b) for a, b in zip(smoothed, true, strict=True)]
+    lag = [abs(a - b) for a, b in zip(ema(raw, 0.9), true, strict=True)]  # a one-way EMA of the same window
+    assert max(err[25:]) < 0.3 * max(lag[25:]) and sum(err) < 0.5 * sum(lag)  # no lag where the loss falls fast
+    assert max(err[100:]) < 0.05  # and close to the true curve once it flattens (noise sd 0.1)
+    assert smooth(raw[:12]) == raw[:12]  # a dozen points: nothing to smooth
+    bottom, top, clipped = y_limits(smoothed, [], raw)
+    assert clipped and top < 5.0 and bottom < min(raw[50:])  # ~10.8 at init is off the top, the rest fills it
+    rows = [{"step": s, "train/loss": v} for s, v in zip(steps, raw, strict=True)]
+    rows[100]["event"] = "resume"
+    rec = RunRecord(checkpoint=tmp_path / "final", run_dir=None, step=5000, tokens_seen=None,
+                    config={"preset": "gpt2"}, metrics=rows)
+    assert plot_loss_curve(rec, tmp_path / "curve.png") and (tmp_path / "curve.png").stat().st_size > 10_000

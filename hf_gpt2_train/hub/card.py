@@ -212,7 +212,7 @@ def dataset_info(cfg: dict[str, Any], info: dict[str, Any]) -> DatasetInfo:
             sub = f" (`{conf}`)" if conf else ""
             return DatasetInfo(f"`{path}`{sub}", path, f"{path}" + (f" ({conf})" if conf else ""), path, conf)
         if kind == "embedded":
-            return DatasetInfo("Python's `pydoc` help topics (the project's embedded quickstart corpus, ~139k tokens)",
+            return DatasetInfo("Python's `pydoc` help topics (the project's embedded quickstart corpus)",
                                None, "Python pydoc help topics (embedded quickstart corpus)", "pydoc-help-topics")
         if kind == "files":
             desc = _files_desc(source.get("files") or [])

@@ -27,6 +27,11 @@ def smooth(values: list[float]) -> list[float]:
     return ema(ema(values, weight)[::-1], weight)[::-1]
 
 
+def resume_steps(rows: list[dict]) -> list[int]:
+    """Steps a run was resumed from: the tracker's ``{"event": "resume"}`` lines of metrics.jsonl."""
+    return sorted({r["step"] for r in rows if r.get("event") == "resume"})
+
+
 def y_limits(smoothed: list[float], val: list[float], raw: list[float]) -> tuple[float, float, bool]:
     """(bottom, top, clipped): the top leaves out the first 10% of the run's steps (loss ~ln(vocab) at init falls
     fast; plotting it would squeeze the rest of the curve into a flat line)."""
@@ -47,7 +52,7 @@ def plot_loss_curve(rec: RunRecord, path: Path) -> bool:
     """
     train = [(r["step"], v) for r in rec.metrics if (v := _finite(_first(r, TRAIN_LOSS))) is not None]
     val = [(r["step"], v) for r in rec.metrics if (v := _finite(_first(r, VAL_LOSS))) is not None]
-    resumes = sorted({r["step"] for r in rec.metrics if r.get("event") == "resume"})
+    resumes = resume_steps(rec.metrics)
     if not train and not val:
         return False
     # Figure + Agg canvas directly: no pyplot global state, safe inside a training process.
@@ -59,9 +64,11 @@ def plot_loss_curve(rec: RunRecord, path: Path) -> bool:
     ax = fig.add_subplot(1, 1, 1)
     steps, raw = ([s for s, _ in train], [v for _, v in train]) if train else ([], [])
     smoothed = smooth(raw)
-    if train:
-        ax.plot(steps, raw, color="tab:blue", alpha=0.25, linewidth=0.8, label="train loss (raw, per log step)")
+    if train and smoothed != raw:
+        ax.plot(steps, raw, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss (raw, per log step)")
         ax.plot(steps, smoothed, color="tab:blue", linewidth=1.8, label="train loss (EMA-smoothed)")
+    elif train:  # too few points to smooth
+        ax.plot(steps, raw, color="tab:blue", linewidth=1.6, label="train loss (per log step)")
     if val:
         ax.plot(*zip(*val, strict=True), "o-", color="tab:orange", markersize=4, linewidth=1.4,
                 label="validation loss")
