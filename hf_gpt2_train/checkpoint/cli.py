@@ -97,8 +97,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
     folders = [Path(r["path"]) for r in rows]
-    if any(val_loss_cell(r).endswith(")") for r in rows):
-        print("\nval_loss (step N): the latest validation loss as of that checkpoint, measured at an earlier step N")
     print(f"\n{len(rows)} checkpoint folder(s) in {root}; {_human_bytes(atomic.unique_bytes(folders))} on disk "
           f"(tiers of one save share files through hard links); validity checked by "
           f"{'sha256' if args.sha256 else 'sizes (add --sha256 for a full check)'}")
