@@ -136,10 +136,10 @@ class Tracker:
             self.bar.update(n)
 
     def finish(self) -> None:
+        """Close the progress bar. The trackers are closed by ``accelerator.end_training()``, which the trainer
+        calls last of all: it also destroys the process group, so nothing distributed may follow it."""
         if self.bar is not None:
             self.bar.close()
-        if self.accelerator.log_with:
-            self.accelerator.end_training()
 
 
 class StepTimer:
