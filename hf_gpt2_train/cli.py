@@ -96,9 +96,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # bad flags fail before torch is imported
     from hf_gpt2_train.trainer import train
 
-    return train(config_from_args(args))
+    return train(cfg)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:

@@ -199,3 +199,12 @@ def train_losses(output_dir: Path) -> dict[int, float]:
     """step -> train/loss from a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun's --master_port: parallel runs must not collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
