@@ -236,6 +236,45 @@ def test_two_processes_with_every_default_push_to_hub_and_write_no_token(tmp_pat
         assert TOKEN.encode() not in data and env_token.encode() not in data, name
 
 
+_SLOW_UPLOAD = """
+import json, sys, time
+from datetime import timedelta
+from types import SimpleNamespace
+import torch.distributed as dist
+import hf_gpt2_train.hub.push as push
+from hf_gpt2_train.hub.end import push_at_end
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=3))  # a training group with a short timeout
+rank = dist.get_rank()
+
+def upload_longer_than_the_group_timeout(output_dir, cfg):  # the Hub's servers cannot exist here: an 8 s upload
+    time.sleep(8)
+    return push.PushResult(export_dir=None, url="https://hub.example/x")
+
+push.export_and_push_after_training = upload_longer_than_the_group_timeout
+t0 = time.time()
+ok = push_at_end(SimpleNamespace(num_processes=2, is_main_process=rank == 0), "unused", None)
+waited = time.time() - t0
+dist.barrier()  # the training group is still usable after the wait
+dist.destroy_process_group()
+json.dump({"ok": ok, "waited": waited}, open(f"{sys.argv[1]}/rank{rank}.json", "w"))
+"""
+
+
+@pytest.mark.slow
+def test_other_ranks_outwait_an_upload_longer_than_the_training_group_timeout(tmp_path: Path) -> None:
+    script = tmp_path / "slow_upload.py"
+    script.write_text(_SLOW_UPLOAD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["ok"] for r in ranks)
+    assert ranks[1]["waited"] > 7  # rank 1 waited the whole upload, far past the group's 3 s timeout
+
+
 # ------------------------------------------------------------------------------------ durable writes
 def test_atomic_writes_leave_the_old_file_or_the_new_one(tmp_path: Path) -> None:
     from hf_gpt2_train.fsio import atomic_writer, probe_writable_dir, write_json_atomic, write_text_atomic

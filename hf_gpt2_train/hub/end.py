@@ -41,6 +41,7 @@ def push_at_end(accelerator: Any, output_dir: str | Path, cfg: Any) -> bool:
     if group is not None:
         import torch.distributed as dist
 
-        dist.barrier(group=group)  # the others wait here, up to END_PUSH_WAIT, for the upload to finish
+        # The others wait here, up to END_PUSH_WAIT, until the main process arrives after its upload.
+        dist.monitored_barrier(group=group, timeout=END_PUSH_WAIT)
         dist.destroy_process_group(group)
     return ok
