@@ -105,3 +105,18 @@ def test_prepare_data_needs_no_network_and_no_tiktoken_cache(tmp_path: Path) -> 
     assert "WARNING" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "out" / "manifest.json").is_file()
     assert list(tmp.iterdir()) == [] and list(home.iterdir()) == []  # no tiktoken cache, nothing in HOME
+
+
+def test_the_wheel_ships_the_vocabulary(tmp_path: Path) -> None:
+    """`pip install .` (a wheel) carries assets/gpt2.tiktoken byte for byte, and its README (source, license)."""
+    import zipfile
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("hf_gpt2_train-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("hf_gpt2_train/assets/gpt2.tiktoken") == BUNDLED_VOCAB.read_bytes()
+        assert "MIT" in z.read("hf_gpt2_train/assets/README.md").decode()
