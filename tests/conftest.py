@@ -127,10 +127,10 @@ def run_in_terminal(argv: list[str], env: dict[str, str], cwd: Path, timeout: fl
 
 # ------------------------------------------------------------------------------- README's quickstart
 def readme_section(title: str) -> str:
-    """The text of README.md's ``## title`` section."""
+    """The text of README.md's first section whose ``## `` heading starts with ``title``."""
     text = README.read_text()
-    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
-    assert m, f"README.md has no '## {title}' section"
+    m = re.search(rf"^## {re.escape(title)}[^\n]*\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    assert m, f"README.md has no '## {title}...' section"
     return m.group(1)
 
 
@@ -142,7 +142,7 @@ def readme_code_blocks(title: str) -> list[str]:
 def readme_quickstart_commands() -> tuple[str, list[str]]:
     """README's quickstart: the `hf-gpt2-train train ...` command of its first line (after the install steps
     joined with &&), and the follow-up lines of the next block (checkpoints list, export, pipeline)."""
-    blocks = readme_code_blocks("Quickstart (CPU, about two minutes, no data download)")
+    blocks = readme_code_blocks("Quickstart")
     assert len(blocks) >= 2, "README's quickstart needs the install+train line and the follow-up block"
     train = [c.strip() for c in blocks[0].strip().split("&&") if c.strip().startswith("hf-gpt2-train train")]
     assert len(train) == 1, f"README's quickstart has no single `hf-gpt2-train train` step: {blocks[0]!r}"
