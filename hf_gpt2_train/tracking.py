@@ -307,6 +307,6 @@ class Tracker:
             raise
 
     def finish(self) -> None:
+        """Close the progress bar. The trackers are closed by ``accelerator.end_training()``, which the trainer
+        calls last of all: it also destroys the process group, so nothing distributed may follow it."""
         self.close_bar()
-        if self.accelerator.log_with:
-            self.accelerator.end_training()

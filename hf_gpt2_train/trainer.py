@@ -7,7 +7,6 @@ host with the device (loss, grad norm and the non-finite counter stay on the dev
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -19,9 +18,12 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from hf_gpt2_train.config import Config, ConfigError
+from hf_gpt2_train.config import Config
 from hf_gpt2_train.errors import NonFiniteLossError
+from hf_gpt2_train.fsio import write_json_atomic
 from hf_gpt2_train.model import build_model, flops_per_token, lm_logits, lm_loss
+from hf_gpt2_train.outdir import check_output_dir
+from hf_gpt2_train.redact import install_log_redaction
 from hf_gpt2_train.state import TrainerState
 from hf_gpt2_train.tracking import StepTimer, Tracker, hardware, log, log_with, setup_logging
 
@@ -82,8 +84,8 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.run.output_dir)
         dist = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+        micro_batch_note = cfg.fit_micro_batch(dist.num_processes)  # presets run on any number of processes
         cfg.validate(world_size=dist.num_processes)
-        self._refuse_to_clobber()
 
         from hf_gpt2_train.checkpoint import CheckpointManager, GracefulShutdown
         from hf_gpt2_train.data.loader import TrainLoader, resolve_data_dir, val_batches
@@ -100,6 +102,7 @@ class Trainer:
 
         data_dir = resolve_data_dir(cfg.data)  # fails fast, before any output is written
         self.enc = get_encoding(cfg.data.tokenizer_file)
+        check_output_dir(self.output_dir, cfg.checkpoint.resume_from_checkpoint, dist)  # a file, read-only, a run
 
         self.plan = plan_precision(cfg.precision, dist.device.type)
         self.accum = cfg.grad_accum_steps(dist.num_processes)
@@ -114,10 +117,13 @@ class Trainer:
         acc = self.accelerator
         # The manager holds run_info by reference (filled below) and resolves the resume request before
         # anything is written, so a bad --resume_from_checkpoint leaves the output folder untouched.
-        self.run_info: dict[str, Any] = {"config": cfg.to_dict()}
+        self.run_info: dict[str, Any] = {"config": cfg.to_dict(redact=True)}  # what is written/logged: no tokens
         self.checkpoints = CheckpointManager(acc, cfg.checkpoint, self.output_dir, self.run_info)
         self.resume_path = self.checkpoints.resolve_resume(cfg.checkpoint.resume_from_checkpoint)
         setup_logging(self.output_dir, acc.is_main_process)
+        install_log_redaction(log)
+        if micro_batch_note:
+            log.info(micro_batch_note)
         for w in self.plan.warnings:
             log.warning(w)
         if acc.device.type == "cuda":
@@ -156,14 +162,6 @@ class Trainer:
         self.peak_flops = (peak or 0.0) * 1e12  # unknown device: no MFU rather than a made-up one
         self.nonfinite_steps = torch.zeros((), device=acc.device)
 
-    def _refuse_to_clobber(self) -> None:
-        spec = self.cfg.checkpoint.resume_from_checkpoint
-        ckpts = self.output_dir / "checkpoints"
-        has_run = (self.output_dir / "run_info.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
-        if has_run and not spec:
-            raise ConfigError(f"{self.output_dir} already holds a run: pass --resume_from_checkpoint latest to "
-                              "continue it, or choose another --output_dir")
-
     # ---------------------------------------------------------------------------------------- one step
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over grad_accum micro-batches. Returns (loss, grad_norm) on device, and the lr."""
@@ -201,7 +199,7 @@ class Trainer:
                 log.warning(warning)
         self.run_info["resumed_from"] = str(resume) if resume else None
         if acc.is_main_process:
-            (self.output_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=2, default=str))
+            write_json_atomic(self.output_dir / "run_info.json", self.run_info, indent=2)
         log.info("%s; %d process(es), %d accumulation step(s), %s tokens/step", self.precision_line,
                  acc.num_processes, self.accum, f"{cfg.optim.total_batch_size:,}")
         tracker = Tracker(acc, self.output_dir, cfg.run.run_name, self.run_info, state.step, cfg.optim.max_steps,
@@ -240,13 +238,14 @@ class Trainer:
 
             log.warning("stopped by signal at step %d; saved 'latest'. Resume with:\n  %s", state.step,
                         resume_command_hint(self.output_dir))
+        acc.wait_for_everyone()  # the last collective: every rank is done with the final checkpoint
         code = 0
-        if not stopped_by_signal and cfg.hub.push_to_hub and acc.is_main_process:
-            from hf_gpt2_train.hub import export_and_push_after_training
+        if not stopped_by_signal and cfg.hub.push_to_hub:
+            from hf_gpt2_train.hub import push_at_end
 
             # Training is done and checkpointed; a failed push only changes the exit code (1).
-            code = 0 if export_and_push_after_training(self.output_dir, cfg).ok else 1
-        acc.wait_for_everyone()
+            code = 0 if push_at_end(acc, self.output_dir, cfg) else 1
+        acc.end_training()  # closes the trackers and destroys the process group: nothing distributed after it
         return code
 
     def _log_train(self, tracker: Tracker, timer: StepTimer, loss, grad_norm, lr: float) -> None:

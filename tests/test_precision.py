@@ -11,13 +11,13 @@ import sys
 import textwrap
 
 import pytest
-import tiktoken
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 
 from hf_gpt2_train.config import ConfigError, ModelConfig, PrecisionConfig
+from hf_gpt2_train.data.tokenizer import get_encoding
 from hf_gpt2_train.model import BLOCK_PROJECTIONS, RealVocabLMHead, build_model, lm_logits, lm_loss
 from hf_gpt2_train.precision import (
     ao_recipe,
@@ -42,7 +42,7 @@ EMULATED = PrecisionConfig(mixed_precision="fp8", fp8_emulate=True, fp8_min_dim=
 def tokens(shared_data) -> torch.Tensor:
     """Real GPT-2 tokens of Shakespeare, the 2,047 most frequent kept and the rest mapped to one 'other' id."""
     text = (shared_data / "tinyshakespeare.txt").read_text()[:60_000]
-    ids = torch.tensor(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=torch.long)
+    ids = torch.tensor(get_encoding().encode_ordinary(text), dtype=torch.long)
     uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
     rank = torch.empty_like(counts)
     rank[torch.argsort(counts, descending=True)] = torch.arange(len(counts))

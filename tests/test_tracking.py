@@ -3,24 +3,16 @@ evaluations are slow, samples that render as Markdown blocks, the schedule-chang
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
 import re
-import select
 import statistics
-import struct
 import subprocess
-import sys
-import termios
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import QuickstartRun, run_cli
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (INFO|WARNING|ERROR) ")
 BAR = re.compile(r"train: +\d+%\|")
@@ -28,34 +20,6 @@ CSI = re.compile(r"\x1b\[(\d*)([A-Za-z])")
 
 
 # ----------------------------------------------------------------------------------------- the terminal
-def run_in_pty(argv: list[str], timeout: int = 900, cols: int = 120) -> tuple[int, str]:
-    """Run argv with stdin/stdout/stderr on a pseudo-terminal (as in a user's shell); exit code and raw output."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, cols, 0, 0))
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
-    os.close(slave)
-    chunks, deadline = [], time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        os.close(master)
-    return proc.returncode, b"".join(chunks).decode("utf-8", errors="replace")
-
-
 def screen(raw: str) -> list[str]:
     """What a terminal shows after ``raw``: \\r returns to column 0 and overwrites, \\n moves down, ESC[nA up."""
     lines: list[list[str]] = [[]]
@@ -85,44 +49,23 @@ def screen(raw: str) -> list[str]:
     return ["".join(x).rstrip() for x in lines]
 
 
-@dataclass
-class TerminalRun:
-    output_dir: Path
-    returncode: int
-    terminal: str  # raw bytes the terminal received, decoded
-
-
-@pytest.fixture(scope="module")
-def quickstart_in_terminal(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> TerminalRun:
-    """A short quickstart run (defaults: TensorBoard on) in a pseudo-terminal.
-
-    Same shape as the session fixture ``readme_quickstart`` (output dir, exit code, terminal output): the
-    tests below can move onto it. HellaSwag from ../shared with a small limit keeps it short and offline.
-    """
-    out = tmp_path_factory.mktemp("pty") / "quickstart"
-    code, raw = run_in_pty([sys.executable, "-m", "hf_gpt2_train", "train", "--preset", "quickstart",
-                            "--output_dir", str(out), "--max_steps", "12", "--logging_steps", "2",
-                            "--eval_steps", "6", "--checkpoint_steps", "6", "--hellaswag_path",
-                            str(shared_data / "hellaswag_val.jsonl"), "--hellaswag_limit", "8"])
-    return TerminalRun(out, code, raw)
-
-
-def test_terminal_shows_one_live_bar_and_log_lines_on_their_own(quickstart_in_terminal: TerminalRun) -> None:
-    run = quickstart_in_terminal
-    assert run.returncode == 0, run.terminal[-3000:]
-    shown = screen(run.terminal)
+def test_terminal_shows_one_live_bar_and_log_lines_on_their_own(readme_quickstart: QuickstartRun) -> None:
+    """README's quickstart in a terminal: log lines print above a live bar, never glued to it."""
+    run = readme_quickstart
+    assert run.returncode == 0, run.output[-3000:]
+    shown = screen(run.output)
     logs = [x for x in shown if LOG_LINE.search(x)]
     bars = [x for x in shown if BAR.search(x)]
     assert len(logs) >= 10, shown  # step lines, eval, samples, checkpoint saves
     for line in logs:  # every log line starts at column 0 and no bar is glued to it
         assert LOG_LINE.match(line) and "%|" not in line, line
     # the bar was live (it redrew between log lines) but only its final state stays on screen
-    assert len(re.findall(r"\rtrain: +\d+%\|", run.terminal)) > 10
-    assert len(bars) == 1 and "12/12" in bars[0], bars
+    assert len(re.findall(r"\rtrain: +\d+%\|", run.output)) > 10
+    assert len(bars) == 1 and "120/120" in bars[0], bars
     assert shown.index(bars[0]) > max(shown.index(x) for x in logs)  # below the last log line
     # extras in a fixed order: loss, tok/s, lr; no second ETA next to tqdm's own
     assert re.search(r"loss=\d+\.\d{3}, tok/s=[\d,]+, lr=\d\.\de-\d\d\]$", bars[0]), bars[0]
-    assert "eta_h" not in run.terminal
+    assert "eta_h" not in run.output
 
 
 # ----------------------------------------------------------------------------------------- throughput

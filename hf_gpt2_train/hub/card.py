@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_gpt2_train.config import ConfigError
+from hf_gpt2_train.redact import redact_secrets
 
 CARD_TAG = "hf-gpt2-train"  # also how export.py recognises a folder it wrote
 
@@ -125,7 +126,8 @@ def collect_run_record(checkpoint: Path) -> RunRecord:
     tokens = manifest.get("tokens_seen", state.get("tokens_seen"))
     rec = RunRecord(checkpoint=checkpoint, run_dir=run_dir, step=step,
                     tokens_seen=int(tokens) if tokens is not None else None,
-                    config=manifest.get("config") or run_info.get("config") or {}, run_info=run_info,
+                    config=redact_secrets(manifest.get("config") or run_info.get("config") or {}),
+                    run_info=redact_secrets(run_info),  # runs saved before redaction existed may hold a token
                     metrics=metrics, wall_time_s=_finite(state.get("wall_time")))
     # Eval results as of this checkpoint: the latest eval logged at or before its step.
     for row in metrics:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_gpt2_train.config import ConfigError, ModelConfig
+from hf_gpt2_train.fsio import fsync_dir, fsync_path
+from hf_gpt2_train.redact import redact_secrets
 
 if TYPE_CHECKING:
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -179,11 +181,7 @@ def _finish_files(root: Path) -> None:
     for p in root.iterdir():
         p.chmod(0o666 & ~umask)
     for p in [*root.iterdir(), root]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(p)
 
 
 def export_hf(checkpoint: Path, out_dir: Path, tokenizer_file: str = "", *, license: str = "mit",
@@ -227,11 +225,12 @@ def export_hf(checkpoint: Path, out_dir: Path, tokenizer_file: str = "", *, lice
         repo_ref = repo_id or str(out_dir)
         card = render_model_card(rec, repo_ref=repo_ref, license=license, n_params=n_params, has_curve=has_curve,
                                  title=repo_id.split("/")[-1] if repo_id else "")
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        (tmp / "README.md").write_text(redact_secrets(card), encoding="utf-8")
         _finish_files(tmp)
         if out_dir.exists():  # an earlier export (checked above) or an empty folder: swap, then delete it
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)  # the rename itself is durable
     except OSError as e:
         if old.exists() and not out_dir.exists():
             os.replace(old, out_dir)  # the swap failed half way: put the earlier export back
