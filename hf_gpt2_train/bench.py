@@ -44,6 +44,7 @@ from hf_gpt2_train.precision import (
     detect_device_type,
     fp8_module_filter,
     plan_precision,
+    precision_id,
     prepare_model_for_precision,
 )
 
@@ -195,7 +196,8 @@ def bench_precision(base: Config, name: str, steps: int, warmup: int, repeats: i
     device_type = detect_device_type()
     plan = plan_precision(cfg.precision, device_type)
     if plan.fell_back:
-        return {"requested": name, "effective_precision": plan.effective, "skipped": "; ".join(plan.warnings)}
+        return {"requested": name, "effective_precision": precision_id(plan.effective),
+                "skipped": "; ".join(plan.warnings)}
     _reset_accelerate()
     trainer = Trainer(cfg)
     if trainer.plan.effective != plan.effective:

@@ -53,7 +53,7 @@ def peak_tflops(effective: str, device_name: str | None = None, override: float 
     """Peak dense TFLOP/s the MFU of a run with ``effective`` precision is measured against.
 
     ``override`` (RunConfig.device_peak_tflops) wins. Otherwise the table above by device name: fp8 runs
-    (real, not emulated) against the fp8 peak, bf16/fp16 against the bf16 peak, fp32 against TF32. Unknown
+    (real, not emulated) against the fp8 peak, bf16/fp16 against the bf16 peak, fp32 ('no') against TF32. Unknown
     devices (CPUs included) give None: no MFU rather than a made-up one.
     """
     if override > 0:
@@ -66,7 +66,7 @@ def peak_tflops(effective: str, device_name: str | None = None, override: float 
     bf16, fp8, tf32 = row
     if effective in ("fp8-te", "fp8-ao"):
         return fp8
-    return tf32 if effective == "no" else bf16
+    return tf32 if effective in ("no", "fp32") else bf16
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float | None:

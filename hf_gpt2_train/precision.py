@@ -437,13 +437,31 @@ def fp8_coverage(model: nn.Module, model_cfg: ModelConfig, cfg: PrecisionConfig 
     return out
 
 
+def precision_id(precision: str | None) -> str | None:
+    """A precision as run_info/manifests store it: Accelerate's 'no' is named 'fp32'; everything else as is."""
+    return "fp32" if precision == "no" else precision
+
+
+def precision_name(effective: str | None, coverage: float | None = None) -> str:
+    """What runs, for people: 'fp32', 'fp16', 'bf16', 'fp8 (te, coverage 89%)', 'fp8 (ao emulated, coverage 42%)'.
+
+    ``effective`` is a PrecisionPlan.effective (or the run_info/manifest id); ``coverage`` the fraction of
+    weight-matmul FLOPs in fp8 (``fp8_coverage``). Also reads names written by older runs ('no').
+    """
+    eff = precision_id(effective) or "unknown"
+    if not eff.startswith("fp8"):
+        return eff
+    backend = {"fp8-te": "te", "fp8-ao": "ao", "fp8-ao-emulated": "ao emulated"}.get(eff, eff.removeprefix("fp8-"))
+    cov = f", coverage {coverage:.0%}" if coverage is not None else ""
+    return f"fp8 ({backend}{cov})"
+
+
 def describe(plan: PrecisionPlan, coverage: dict[str, Any] | None = None) -> str:
     """One start-of-run log line: requested vs effective precision and fp8 coverage."""
-    names = {"no": "fp32", "fp8-te": "fp8 (TransformerEngine)", "fp8-ao": "fp8 (torchao)",
-             "fp8-ao-emulated": "fp8 (torchao, emulated: slow, for tests)"}
-    s = f"precision: {names.get(plan.effective, plan.effective)}"
+    cov = (coverage or {}).get("fp8_coverage") if plan.is_fp8 else None
+    s = f"precision: {precision_name(plan.effective, cov)}"
     if plan.requested != plan.effective and not (plan.requested == "fp8" and plan.is_fp8):
-        s += f" (requested {plan.requested})"
+        s += f" (requested {precision_id(plan.requested)})"
     if plan.is_fp8 and coverage is not None:
         s += (f"; fp8 runs {coverage['fp8_coverage']:.1%} of weight-matmul FLOPs "
               f"({coverage['fp8_block_coverage']:.1%} of block matmuls, {coverage['fp8_layers']} layers)")
@@ -453,10 +471,14 @@ def describe(plan: PrecisionPlan, coverage: dict[str, Any] | None = None) -> str
 
 
 def precision_info(plan: PrecisionPlan, coverage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """run_info.json fields: requested/effective precision, backend, coverage and warnings."""
+    """run_info.json fields: requested/effective precision ('fp32' for Accelerate's 'no'), ``precision`` (the
+    name people read, see precision_name), backend, coverage and warnings."""
     info = plan.to_dict()
+    info["requested_precision"] = precision_id(plan.requested)
+    info["effective_precision"] = precision_id(plan.effective)
     cov = coverage or {}
     info["fp8_coverage"] = cov.get("fp8_coverage", 0.0) if plan.is_fp8 else 0.0
+    info["precision"] = precision_name(plan.effective, info["fp8_coverage"] if plan.is_fp8 else None)
     info["fp8_block_coverage"] = cov.get("fp8_block_coverage", 0.0) if plan.is_fp8 else 0.0
     info["fp8_layers"] = cov.get("fp8_layers", 0) if plan.is_fp8 else 0
     if plan.is_fp8 and "skipped" in cov:

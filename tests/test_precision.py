@@ -11,13 +11,13 @@ import sys
 import textwrap
 
 import pytest
-import tiktoken
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 
 from hf_gpt2_train.config import ConfigError, ModelConfig, PrecisionConfig
+from hf_gpt2_train.data.tokenizer import get_encoding
 from hf_gpt2_train.model import BLOCK_PROJECTIONS, build_model, lm_logits, lm_loss
 from hf_gpt2_train.precision import (
     ao_recipe,
@@ -41,7 +41,7 @@ EMULATED = PrecisionConfig(mixed_precision="fp8", fp8_emulate=True, fp8_min_dim=
 def tokens(shared_data) -> torch.Tensor:
     """Real GPT-2 tokens of Shakespeare, the 2,047 most frequent kept and the rest mapped to one 'other' id."""
     text = (shared_data / "tinyshakespeare.txt").read_text()[:60_000]
-    ids = torch.tensor(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=torch.long)
+    ids = torch.tensor(get_encoding().encode_ordinary(text), dtype=torch.long)
     uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
     rank = torch.empty_like(counts)
     rank[torch.argsort(counts, descending=True)] = torch.arange(len(counts))
@@ -184,7 +184,7 @@ def test_fp8_on_cpu_without_emulation_falls_back_to_fp32_with_one_warning():
     assert plan.fell_back and plan.kwargs_handlers == [] and len(plan.warnings) == 1
     assert "fp32" in plan.warnings[0] and "--fp8_emulate" in plan.warnings[0]
     info = precision_info(plan, None)
-    assert info["requested_precision"] == "fp8" and info["effective_precision"] == "no"
+    assert info["requested_precision"] == "fp8" and info["effective_precision"] == "fp32"
     assert info["fp8_backend"] is None and info["fp8_coverage"] == 0.0
     assert "(requested fp8)" in describe(plan)
 
@@ -239,7 +239,7 @@ def test_missing_torchao_falls_back_and_the_plan_still_builds_an_accelerator(tmp
                           cwd=tmp_path, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info["requested_precision"] == "fp8" and info["effective_precision"] == "no"
+    assert info["requested_precision"] == "fp8" and info["effective_precision"] == "fp32"
     assert info["fp8_backend"] is None and info["fp8_coverage"] == 0.0
     assert len(info["warnings"]) == 1 and "torchao is not importable" in info["warnings"][0]
     assert "pip install torchao" in info["warnings"][0]

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_gpt2_train.fsio import fsync_path, write_json_atomic  # the names other modules import from here
+
 logger = logging.getLogger("hf_gpt2_train.checkpoint")
 
 MANIFEST = "manifest.json"
@@ -46,23 +48,6 @@ _warned_no_links = False
 
 class CheckpointInvalid(Exception):
     """A folder is not a complete, intact checkpoint; ``str(e)`` says why."""
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is only durable once its parent directory is fsync'd)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except (IsADirectoryError, PermissionError):  # directories cannot be opened on Windows: nothing to do
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some filesystems refuse fsync on directories (EINVAL); files must still succeed.
-        if not path.is_dir():
-            raise
-        logger.debug("fsync of directory %s not supported: %s", path, e)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -86,17 +71,6 @@ def sha256_file(path: Path) -> str:
 
 def _workers(n_files: int) -> int:
     return max(1, min(n_files, os.cpu_count() or 1, 8))
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temp file + fsync + rename + fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def data_files(folder: Path) -> list[Path]:
