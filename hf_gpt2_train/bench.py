@@ -5,9 +5,14 @@ For each precision both loops are built and run ``--warmup`` untimed steps each 
 then they run in alternating timed segments of ``--steps`` optimizer steps (ours, plain, plain, ours, ...: each
 repeat flips the order, so slow drift of a shared or throttling machine hits both alike; with ``--steps 1``, the
 CPU default, the loops alternate step by step). Reported step times are medians over the repeats; ``overhead_ratio`` is the median of the
-per-repeat ratios ours/plain. Peak memory (CUDA only) is each loop's own: its parameters + optimizer state + the
-peak its steps add on top of what was allocated before (both loops live on the device together, so the raw
-device peak would count the other loop's weights too).
+per-repeat ratios ours/plain. Peak memory (CUDA only) is each loop's own: its parameters + optimizer state, counted
+at the start of each timed segment (after the warmup steps, so AdamW's two moments exist: 8 bytes per fp32
+parameter), + the peak its steps add on top of what was allocated before (both loops live on the device together,
+so the raw device peak would count the other loop's weights too).
+
+A precision that raises (a backend that fails under torch.compile, out of memory, ...) is recorded as ``failed``
+with the error, and the other precisions are still measured; one that cannot run on this machine at all (the plan
+falls back) is ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,14 +37,14 @@ import torch
 from torch import nn
 
 from hf_gpt2_train.config import Config, ConfigError
-from hf_gpt2_train.model import build_model, flops_per_token, lm_logits, lm_loss
+from hf_gpt2_train.mfu import mfu, peak_tflops
+from hf_gpt2_train.model import build_model, flops_per_token, setup_training_forward
 from hf_gpt2_train.precision import (
     PrecisionPlan,
     detect_device_type,
     fp8_module_filter,
-    mfu,
-    peak_tflops,
     plan_precision,
+    precision_id,
     prepare_model_for_precision,
 )
 
@@ -76,13 +82,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _static_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Bytes held between steps: parameters and optimizer state (grads are freed by zero_grad(set_to_none))."""
+def static_bytes(model: nn.Module, opt: torch.optim.Optimizer, device_type: str = "cuda") -> int:
+    """Bytes held between steps on ``device_type``: parameters and optimizer state (grads are freed by
+    zero_grad(set_to_none)). AdamW creates its state at the first step: measure after one."""
     seen: set[int] = set()
     total = 0
     tensors = list(model.parameters()) + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     for t in tensors:
-        if id(t) not in seen and t.device.type == "cuda":
+        if id(t) not in seen and t.device.type == device_type:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
@@ -105,9 +112,11 @@ class PlainLoop:
                 fp8_module_filter, lm_head=plan.lm_head, min_dim=plan.min_dim))
         else:
             prepare_model_for_precision(model, plan, cfg.precision)
+        # The same training forward as ours (compiled blocks, loss inside the compiled region): the bench
+        # measures what Accelerate and our step add, not a different compile strategy.
+        setup_training_forward(model, compile_model, cfg.run.padded_logits, plan.compile_blocks)
         self.model = model.to(device)
         self.optimizer = build_optimizer(self.model, cfg, device)
-        self.forward = torch.compile(self.model) if compile_model else self.model
         mp = plan.accelerator_mixed_precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(mp)
         self.scaler = torch.amp.GradScaler(device.type) if mp == "fp16" else None
@@ -118,7 +127,7 @@ class PlainLoop:
             x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
-                loss = lm_loss(lm_logits(self.forward, x, self.cfg.model.vocab_size), y)
+                loss = self.model(input_ids=x, targets=y)
             scaled = loss / self.accum
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
@@ -134,9 +143,12 @@ class PlainLoop:
         return loss_sum / self.accum
 
 
-def _segment(step_fn, static: int, steps: int, device: torch.device, stats: LoopStats) -> None:
+def _segment(step_fn, static_fn, steps: int, device: torch.device, stats: LoopStats) -> None:
+    """Time ``steps`` calls of ``step_fn``; on CUDA also the loop's peak memory: ``static_fn()`` (its parameters and
+    optimizer state, measured now, at the segment's start) + what its steps allocate above the start."""
     _sync(device)
     if device.type == "cuda":
+        static = static_fn()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
@@ -184,7 +196,8 @@ def bench_precision(base: Config, name: str, steps: int, warmup: int, repeats: i
     device_type = detect_device_type()
     plan = plan_precision(cfg.precision, device_type)
     if plan.fell_back:
-        return {"requested": name, "effective_precision": plan.effective, "skipped": "; ".join(plan.warnings)}
+        return {"requested": name, "effective_precision": precision_id(plan.effective),
+                "skipped": "; ".join(plan.warnings)}
     _reset_accelerate()
     trainer = Trainer(cfg)
     if trainer.plan.effective != plan.effective:
@@ -192,12 +205,12 @@ def bench_precision(base: Config, name: str, steps: int, warmup: int, repeats: i
     device = trainer.accelerator.device
     compile_model = bool(trainer.run_info["compile"])
     accum = trainer.accum
-    ours_static = _static_bytes(trainer.model, trainer.optimizer)
+    ours_static = partial(static_bytes, trainer.model, trainer.optimizer)
     ours, plain = LoopStats(), LoopStats()
     plain_loop: PlainLoop | None = None
 
     def run_plain(loop: PlainLoop) -> None:
-        _segment(loop.train_step, _static_bytes(loop.model, loop.optimizer), steps, device, plain)
+        _segment(loop.train_step, partial(static_bytes, loop.model, loop.optimizer), steps, device, plain)
 
     if sequential:
         for _ in range(warmup):
@@ -244,8 +257,11 @@ def bench_precision(base: Config, name: str, steps: int, warmup: int, repeats: i
 
 
 def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repeats: int,
-              sequential: bool = False) -> dict[str, Any]:
-    """Benchmark each precision; returns the JSON document (see docs/benchmarks.md for its fields)."""
+              sequential: bool = False, output: Path | None = None) -> dict[str, Any]:
+    """Benchmark each precision; returns the JSON document (see docs/benchmarks.md for its fields).
+
+    ``output``: written after every precision, so a bench stopped part-way (a time limit) keeps what it measured.
+    """
     from accelerate import PartialState
 
     unknown = [p for p in precisions if p not in PRECISION_SPECS]
@@ -261,23 +277,36 @@ def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repea
     cfg.eval.hellaswag = False
     cfg.eval.eval_steps = 0
     cfg.validate(world_size=1)
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="hf-gpt2-bench-") as tmp:
-        for name in precisions:
-            results[name] = bench_precision(cfg, name, steps, warmup, repeats, sequential, Path(tmp))
-    measured = [r["overhead_ratio"] for r in results.values() if "overhead_ratio" in r]
     device = detect_device_type()
-    return {
+    doc: dict[str, Any] = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else f"{_cpu_name()}, {torch.get_num_threads()} "
                   "threads",
         "preset": cfg.preset, "model": dict(vars(cfg.model)), "seq_len": cfg.optim.seq_len,
         "micro_batch_size": cfg.optim.per_device_train_batch_size, "tokens_per_step": cfg.optim.total_batch_size,
         "steps": steps, "warmup": warmup, "repeats": repeats, "sequential": sequential,
-        "versions": {"torch": torch.__version__},
-        "overhead_ratio": max(measured) if measured else None,
-        "precisions": results,
+        "versions": {"torch": torch.__version__}, "overhead_ratio": None, "precisions": {},
     }
+    results = doc["precisions"]
+    with tempfile.TemporaryDirectory(prefix="hf-gpt2-bench-") as tmp:
+        for name in precisions:
+            try:
+                results[name] = bench_precision(cfg, name, steps, warmup, repeats, sequential, Path(tmp))
+            except Exception as e:  # noqa: BLE001  one precision's failure must not cost the others' numbers
+                results[name] = {"requested": name, "failed": f"{type(e).__name__}: {e}".strip()[:2000]}
+                _reset_accelerate()
+            measured = [r["overhead_ratio"] for r in results.values() if "overhead_ratio" in r]
+            doc["overhead_ratio"] = max(measured) if measured else None
+            if output is not None:
+                _write_json(output, doc)
+    return doc
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)  # a reader (or a kill) never sees half a file
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -289,8 +318,9 @@ def format_table(doc: dict[str, Any]) -> str:
     lines = [f"bench on {doc['device']}: preset {doc['preset'] or '-'}, {doc['tokens_per_step']:,} tokens/step, "
              f"{doc['steps']} steps x {doc['repeats']} repeats (medians)", head, "-" * len(head)]
     for name, r in doc["precisions"].items():
-        if "skipped" in r:
-            lines.append(f"{name:16s} skipped: {r['skipped']}")
+        if "skipped" in r or "failed" in r:
+            status = "skipped" if "skipped" in r else "failed"
+            lines.append(f"{name:16s} {status}: {r[status]}")
             continue
         p = r["plain"]
         lines.append(f"{name:16s} {r['effective_precision']:16s} {r['tokens_per_sec']:10,.0f} "
@@ -315,13 +345,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     steps = args.steps or (10 if on_gpu else 1)
     repeats = args.repeats or (5 if on_gpu else 8)
     warmup = args.warmup if args.warmup >= 0 else (3 if on_gpu else 1)
-    doc = run_bench(cfg, precisions, steps, warmup, repeats, args.sequential)
+    out = Path(args.output) if args.output else None
+    doc = run_bench(cfg, precisions, steps, warmup, repeats, args.sequential, output=out)
     print(format_table(doc))
-    if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=2) + "\n")
+    if out is not None:
         print(f"wrote {out}")
+    failed = [n for n, r in doc["precisions"].items() if "failed" in r]
+    if failed:  # the others were measured and written; the exit code still says something broke
+        print(f"hf-gpt2-train: bench: {', '.join(failed)} failed (see above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -333,13 +365,14 @@ def register_cli(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--precisions", default=None, help="Comma-separated: " + ", ".join(PRECISION_SPECS)
                    + " (default: bf16,fp8-te,fp8-ao on a GPU, no on CPU). Ones that cannot run here are "
-                   "reported as skipped.")
+                   "reported as skipped, ones that raise as failed (exit code 1; the others are still measured).")
     p.add_argument("--steps", type=int, default=0, help="Timed optimizer steps per segment (default 10 GPU, 1 CPU).")
     p.add_argument("--warmup", type=int, default=-1, help="Untimed steps of each loop before timing (compile, "
                    "allocator; default 3 GPU, 1 CPU).")
     p.add_argument("--repeats", type=int, default=0, help="Segments per loop, alternating ours/plain (default 5 GPU, "
                    "8 CPU).")
-    p.add_argument("--output", default="", help="Write the results as JSON to this file.")
+    p.add_argument("--output", default="", help="Write the results as JSON to this file (rewritten after each "
+                   "precision, so an interrupted bench keeps what it measured).")
     p.add_argument("--sequential", action="store_true", help="Run ours, then the plain loop, with one model on "
                    "the device at a time (for presets too large for two copies); no alternation.")
     add_config_flags(p)

@@ -1,6 +1,9 @@
 """`hf-gpt2-train` subcommands. Each concern registers its own; `train` is built from the config dataclasses.
 
-Bad input ends as one line on stderr and exit code 2 (never a traceback).
+Bad input ends as one line on stderr and exit code 2 (never a traceback). Building the parser imports
+neither torch nor transformers (``--help``, ``presets`` and ``checkpoints list/verify`` stay fast): a
+subcommand module imports its heavy dependencies inside the command, and a module that cannot (``bench``)
+is registered only when its own subcommand is the one being run.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -22,9 +26,15 @@ ALIASES: dict[str, tuple[str, Any]] = {
     "--use_fp8": ("mixed_precision", "fp8"),
 }
 
-# Modules that own a subcommand (each has register_cli(subparsers)).
+# Modules that own a subcommand (each has register_cli(subparsers)), in --help order.
 SUBCOMMAND_MODULES = ("hf_gpt2_train.data.prepare", "hf_gpt2_train.evaluate", "hf_gpt2_train.checkpoint",
                       "hf_gpt2_train.hub", "hf_gpt2_train.bench")
+# Modules that import numpy/torch at the top -> (subcommand, its one-line help). They are imported only when
+# their subcommand is the one being run; otherwise a stub with the same help keeps it in `--help`.
+HEAVY_SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "hf_gpt2_train.data.prepare": ("prepare-data", "Tokenise a corpus into GPT-2 token shards (resumable)."),
+    "hf_gpt2_train.bench": ("bench", "Throughput/MFU of our training step vs a plain PyTorch loop."),
+}
 
 
 def bool_arg(v: str) -> bool:
@@ -78,13 +88,18 @@ def config_from_args(args: argparse.Namespace):
     for k, v in given.items():
         if not k.startswith("alias:"):
             cli[k] = v  # the real flag wins over its alias
+    if cli.get("hub_token"):
+        from hf_gpt2_train.redact import warn_token_on_command_line
+
+        warn_token_on_command_line("--hub_token")
     return build_config(preset=preset, yaml_path=yaml_path, cli=cli)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)  # bad flags fail before torch is imported
     from hf_gpt2_train.trainer import train
 
-    return train(config_from_args(args))
+    return train(cfg)
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -95,7 +110,14 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_in(argv: list[str]) -> str:
+    """The subcommand named in argv (the top-level parser has no options that take a value)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full command line; ``argv`` (default: sys.argv) decides which heavy subcommand is really built."""
+    command = _command_in(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="hf-gpt2-train", description="GPT-2 pretraining on HF Accelerate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     tp = sub.add_parser("train", help="Train GPT-2 (single process, accelerate launch or torchrun).",
@@ -104,19 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
     tp.set_defaults(func=_cmd_train)
     pp = sub.add_parser("presets", help="List the named presets.")
     pp.set_defaults(func=_cmd_presets)
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).register_cli(sub)
+    for module in SUBCOMMAND_MODULES:
+        name, help_text = HEAVY_SUBCOMMANDS.get(module, ("", ""))
+        if name and name != command:
+            sub.add_parser(name, help=help_text, add_help=False)  # never parsed: argv names another command
+        else:
+            importlib.import_module(module).register_cli(sub)
     return parser
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch (or a single process); set before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def main(argv: list[str] | None = None) -> None:
     from hf_gpt2_train.errors import CheckpointSaveError, NonFiniteLossError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         code = args.func(args)
     except ConfigError as e:
-        print(f"hf-gpt2-train: error: {e}", file=sys.stderr)
+        if _is_main_process() or not e.every_process:  # the same error on every rank is printed once
+            print(f"hf-gpt2-train: error: {e}", file=sys.stderr)
         code = 2
     except NonFiniteLossError as e:
         print(f"hf-gpt2-train: training stopped: {e}", file=sys.stderr)

@@ -19,7 +19,15 @@ from typing import Any
 
 
 class ConfigError(ValueError):
-    """Bad user input: printed as one line, exit code 2."""
+    """Bad user input: printed as one line, exit code 2.
+
+    ``every_process=True`` marks an error that every process of a launch raises alike (a check of the
+    configuration itself, or one the processes agreed on), so only the main process prints it.
+    """
+
+    def __init__(self, message: str, *, every_process: bool = False):
+        super().__init__(message)
+        self.every_process = every_process
 
 
 @dataclass
@@ -54,7 +62,7 @@ class DataConfig:
     val_batches: int = 20
     """Number of fixed validation micro-batches (per process) for val_loss."""
     tokenizer_file: str = ""
-    """Local gpt2.tiktoken file for offline machines (else tiktoken downloads it once; TIKTOKEN_CACHE_DIR also works)."""
+    """Another GPT-2 vocabulary file (gpt2.tiktoken ranks); default: the one shipped in the package."""
 
 
 @dataclass
@@ -97,6 +105,8 @@ class RunConfig:
     """Seed for model init, data order and sampling."""
     compile: bool | None = None
     """torch.compile the training forward (default: on for GPU, off for CPU)."""
+    padded_logits: bool | None = None
+    """Loss GEMM over the padded vocabulary (padded columns kept out of the softmax) instead of the real 50257 rows (default: on with --compile, off without)."""
     device_peak_tflops: float = 0.0
     """Peak dense TFLOP/s for MFU (0: known GPUs are looked up; unknown devices report no MFU)."""
 
@@ -146,9 +156,9 @@ class EvalConfig:
     eval_steps: int = 250
     """Evaluate (val loss, HellaSwag, samples) every N steps and at the end (0: only at the end)."""
     hellaswag: bool = True
-    """Score HellaSwag at each evaluation."""
+    """Score HellaSwag at each evaluation (the quickstart preset: off unless --hellaswag_path is given)."""
     hellaswag_path: str = ""
-    """Local hellaswag_val.jsonl (else downloaded once to the cache)."""
+    """Local hellaswag_val.jsonl (else downloaded once to the cache); giving one turns --hellaswag on."""
     hellaswag_limit: int = 0
     """Score only the first N HellaSwag examples (0: all 10,042)."""
     sample_prompts: list[str] = field(default_factory=lambda: ["Hello, I'm a language model,", "The meaning of life is"])
@@ -199,8 +209,14 @@ class Config:
     hub: HubConfig = field(default_factory=HubConfig)
     preset: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        """Plain dict of every field; ``redact=True`` for anything written or logged (tokens -> <redacted>)."""
+        d = dataclasses.asdict(self)
+        if redact:
+            from hf_gpt2_train.redact import redact_secrets
+
+            d = redact_secrets(d)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
@@ -213,6 +229,24 @@ class Config:
         o = self.optim
         return o.total_batch_size // (o.per_device_train_batch_size * o.seq_len * world_size)
 
+    def fit_micro_batch(self, world_size: int) -> str | None:
+        """Lower ``per_device_train_batch_size`` to the largest value that divides the batch on ``world_size``.
+
+        ``total_batch_size`` (the recipe) is kept; the micro-batch is a memory knob. Returns the line to log
+        when it changed it; None when the requested one fits, or when none fits (``validate`` reports that).
+        """
+        o = self.optim
+        requested, per_micro = o.per_device_train_batch_size, o.seq_len * world_size
+        if requested < 1 or o.seq_len < 1 or o.total_batch_size % (requested * per_micro) == 0:
+            return None
+        fits = [b for b in range(requested - 1, 0, -1) if o.total_batch_size % (b * per_micro) == 0]
+        if not fits:
+            return None
+        o.per_device_train_batch_size = fits[0]
+        return (f"per_device_train_batch_size {requested} -> {fits[0]}: {requested}*{o.seq_len}*{world_size} "
+                f"process(es) does not divide total_batch_size {o.total_batch_size}; {fits[0]} is the largest "
+                f"micro-batch that does ({self.grad_accum_steps(world_size)} accumulation step(s))")
+
     def validate(self, world_size: int = 1) -> None:
         """Raise ConfigError listing every problem at once."""
         p: list[str] = []
@@ -224,6 +258,13 @@ class Config:
         micro = o.per_device_train_batch_size * o.seq_len * world_size
         if o.per_device_train_batch_size < 1 or o.seq_len < 1:
             p.append("per_device_train_batch_size and seq_len must be >= 1")
+        elif o.total_batch_size % (o.seq_len * world_size):
+            step = o.seq_len * world_size
+            p.append(
+                f"total_batch_size {o.total_batch_size} is not a multiple of seq_len*num_processes = "
+                f"{o.seq_len}*{world_size} = {step}, so no micro-batch size fits: use a multiple of {step} for "
+                "--total_batch_size"
+            )
         elif o.total_batch_size % micro:
             p.append(
                 f"total_batch_size {o.total_batch_size} is not divisible by per_device_train_batch_size*seq_len*"
@@ -248,7 +289,7 @@ class Config:
         if str(self.checkpoint.resume_from_checkpoint or "").strip().lower() == "hub" and not self.hub.hub_model_id:
             p.append("--resume_from_checkpoint hub needs --hub_model_id USER/NAME (the repository to resume from)")
         if p:
-            raise ConfigError("; ".join(p))
+            raise ConfigError("; ".join(p), every_process=True)
 
 
 # --------------------------------------------------------------------------------------------- presets
@@ -273,7 +314,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"val_batches": 4},
         "checkpoint": {"checkpoint_steps": 40},
         "tracking": {"logging_steps": 10},
-        "eval": {"eval_steps": 60, "hellaswag_limit": 100, "sample_max_new_tokens": 24},
+        # HellaSwag needs a download: off, so the quickstart runs offline (--hellaswag_path FILE turns it on).
+        "eval": {"eval_steps": 60, "hellaswag": False, "hellaswag_limit": 100, "sample_max_new_tokens": 24},
     },
 }
 
@@ -313,12 +355,13 @@ def parse_bool(value: Any) -> bool:
     raise ValueError(f"expected true/false, got {value!r}")
 
 
-def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+def _coerce(value: Any, f: dataclasses.Field) -> Any:
+    """``value`` as the field's type; the ConfigError names the field (its caller adds where it came from)."""
     t = str(f.type)
     if value is None:
         if "None" in t:
             return None
-        raise ConfigError(f"{where}: {f.name} may not be null")
+        raise ConfigError(f"{f.name} may not be null")
     try:
         if t.startswith("bool"):
             return parse_bool(value)
@@ -332,7 +375,7 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
             return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {f.name}={value!r} is not a valid {t}") from None
+        raise ConfigError(f"{f.name}={value!r} is not a valid {t}") from None
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> None:
@@ -354,10 +397,14 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> None
             flat.append((k, v))
         else:
             problems.append(f"unknown key {k!r}")
+    from hf_gpt2_train.redact import REDACTED, is_secret_key
+
     for k, v in flat:
         section, f = fields[k]
+        if v == REDACTED and is_secret_key(k):
+            continue  # a config read back from run_info.json/a manifest: the secret was never stored
         try:
-            setattr(getattr(cfg, section), k, _coerce(v, f, source))
+            setattr(getattr(cfg, section), k, _coerce(v, f))
         except ConfigError as e:
             problems.append(str(e))
     if problems:
@@ -381,6 +428,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _keys_given(overrides: dict[str, Any]) -> set[str]:
+    """Field names set by nested ({section: {key: v}}) or flat overrides."""
+    keys: set[str] = set()
+    for k, v in overrides.items():
+        keys |= set(v) if k in SECTIONS and isinstance(v, dict) else {k}
+    return keys
+
+
 def build_config(preset: str = "", yaml_path: str = "", cli: dict[str, Any] | None = None) -> Config:
     """Defaults < preset < YAML < CLI."""
     file_data = load_yaml(yaml_path) if yaml_path else {}
@@ -394,6 +449,12 @@ def build_config(preset: str = "", yaml_path: str = "", cli: dict[str, Any] | No
         apply_overrides(cfg, file_data, source=str(yaml_path))
     if cli:
         apply_overrides(cfg, cli, source="command line")
+    given = _keys_given(file_data) | _keys_given(cli or {})
+    if "hellaswag_path" in given and cfg.eval.hellaswag_path and "hellaswag" not in given:
+        cfg.eval.hellaswag = True  # a HellaSwag file turns HellaSwag on (the quickstart preset has it off)
+    from hf_gpt2_train.redact import register_secret
+
+    register_secret(cfg.hub.hub_token)
     if not cfg.run.run_name:
         cfg.run.run_name = Path(cfg.run.output_dir).resolve().name or "run"
     return cfg

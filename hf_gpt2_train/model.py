@@ -8,6 +8,13 @@ precision keeps checkpoints identical across bf16/fp8, so a run can resume in ei
 
 The vocabulary is padded (50257 -> 50304) for matmul efficiency; padded rows are sliced off the logits
 before the loss and before sampling, so they never get probability mass.
+
+Training forward: ``GPT2TrainingModel(input_ids=x, targets=y)`` returns the mean next-token loss, a scalar.
+Under ``torch.compile`` (``setup_training_forward``) each ``GPT2Block`` is compiled on its own (compiling the
+whole model makes transformers build a ``[B,1,T,T]`` mask, so SDPA runs with ``is_causal=False`` and no
+FlashAttention; per block, the mask is never built and SDPA gets ``is_causal=True``), and lm_head +
+cross-entropy are one compiled function, so the logits never leave it: no fp32 copy of them exists
+(Accelerate's ``convert_outputs_to_fp32`` only sees the scalar) and the log-softmax is fused into the loss.
 """
 
 from __future__ import annotations
@@ -57,32 +64,87 @@ def conv1d_to_linear(model: nn.Module) -> nn.Module:
     return model
 
 
-class RealVocabLMHead(nn.Linear):
-    """lm_head that computes logits for the real vocabulary only.
+class GPT2TrainingModel(GPT2LMHeadModel):
+    """``GPT2LMHeadModel`` whose ``forward(input_ids, targets=...)`` returns the mean next-token loss.
 
-    The weight keeps its padded rows (it is the tied, padded token embedding), but ``weight[:vocab]`` is
-    a contiguous view, so the logits come out exactly vocab-wide: the padded rows get no probability
-    mass, and no [..., :vocab] slice has to copy the largest activation of the model (40% of a CPU step).
+    Same modules, parameter names and state dict as the stock class, so checkpoints, export, eval and
+    ``load_trained_model`` do not change. The loss path goes through the (prepared, possibly DDP/FSDP-wrapped)
+    model like any forward, so gradient synchronisation works. Without ``targets`` it is the stock forward
+    (logits over the padded vocabulary; callers slice ``[..., :vocab_size]``, see ``lm_logits``), run eagerly
+    even when the blocks are compiled: evaluation, sampling and HellaSwag call it at shapes that change from
+    call to call (sampling grows by one token per call), which would recompile every time.
     """
 
-    def __init__(self, n_embd: int, padded_vocab: int, vocab_size: int):
-        super().__init__(n_embd, padded_vocab, bias=False)
-        self.vocab_size = vocab_size
+    def __init__(self, config: GPT2Config, real_vocab_size: int | None = None):
+        super().__init__(config)
+        self.real_vocab_size = real_vocab_size or config.vocab_size
+        """Rows of the (padded) lm_head that are real tokens; the rest never get probability mass."""
+        self.padded_logits = False
+        """Loss GEMM over all padded rows (True) or the real rows only (False); see ``lm_head_loss``."""
+        self.head_loss = lm_head_loss
+        """lm_head + cross entropy; ``setup_training_forward`` replaces it by its compiled version."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight[: self.vocab_size])
+    def forward(self, input_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs):
+        if targets is None:
+            # Traced from outside (someone compiled the whole model): the outer compile decides. torch < 2.6 has
+            # no set_stance: there the compiled blocks run here too (recompiling per shape, then falling back).
+            if torch.compiler.is_compiling() or not hasattr(torch.compiler, "set_stance"):
+                return super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+            with torch.compiler.set_stance("force_eager"):
+                return super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+        hidden = self.transformer(input_ids=input_ids, **kwargs).last_hidden_state
+        return self.head_loss(self.lm_head, hidden, targets, self.real_vocab_size, self.padded_logits)
 
 
-def build_model(cfg: ModelConfig, seed: int | None = None) -> GPT2LMHeadModel:
+def lm_head_loss(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                 padded: bool) -> torch.Tensor:
+    """Mean next-token cross entropy of ``lm_head(hidden)`` over the real vocabulary: a scalar.
+
+    ``padded=True``: the GEMM runs over all ``padded_vocab_size`` rows (N = 50304, a multiple of 64, the point of
+    the padding) and the padded columns are sliced off before the softmax, so they get no probability mass.
+    Compiled, the slice is read in place by the fused log-softmax and its gradient (zeros for the padded
+    columns) is written by the same kernel: neither costs a copy. ``padded=False``: the GEMM runs over the real
+    rows only (``weight[:vocab_size]`` is a contiguous view, N = 50257); eagerly that is cheaper, because
+    slicing padded logits copies the largest activation of the model before the loss. An lm_head that is not a
+    plain ``nn.Linear`` (torchao fp8 with ``--fp8_lm_head``: fp8 GEMMs need dims divisible by 16) always
+    computes padded logits.
+    """
+    if padded or type(lm_head) is not nn.Linear:
+        logits = lm_head(hidden)[..., :vocab_size]
+    else:
+        logits = F.linear(hidden, lm_head.weight[:vocab_size])
+    return F.cross_entropy(logits.float().reshape(-1, vocab_size), targets.reshape(-1))
+
+
+def setup_training_forward(model: GPT2TrainingModel, use_compile: bool, padded_logits: bool | None = None,
+                           compile_blocks: bool = True, **compile_kwargs) -> GPT2TrainingModel:
+    """Choose the loss GEMM width and compile the training forward, in place (call before ``accelerator.prepare``).
+
+    ``padded_logits`` None means: padded with compile, real-vocabulary rows without (see ``lm_head_loss``).
+    With ``use_compile``, each ``GPT2Block`` (unless ``compile_blocks`` is False: TransformerEngine, see
+    ``precision.PrecisionPlan.compile_blocks``) and the lm_head + loss function are compiled. Parameter names
+    and the state dict do not change (``nn.Module.compile`` keeps the module, no ``_orig_mod.``), and
+    ``fully_shard`` applied afterwards still wraps each block (Accelerate's own FSDP2 regional compile uses
+    ``module.compile()`` for the same reason). All blocks share one compiled graph. ``compile_kwargs`` go to
+    ``torch.compile`` (tests pass a ``backend`` that records the graphs).
+    """
+    model.padded_logits = use_compile if padded_logits is None else padded_logits
+    if use_compile:
+        if compile_blocks:
+            for block in model.transformer.h:
+                block.compile(**compile_kwargs)
+        model.head_loss = torch.compile(lm_head_loss, **compile_kwargs)
+    return model
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> GPT2TrainingModel:
     """A freshly initialised GPT-2 (HF's GPT-2 init, scaled residual projections) in the training layout."""
     if seed is not None:
         torch.manual_seed(seed)
     hf_cfg = hf_config(cfg)
     hf_cfg._attn_implementation = "sdpa"
-    model = GPT2LMHeadModel(hf_cfg)
-    head = RealVocabLMHead(cfg.n_embd, cfg.padded_vocab_size, cfg.vocab_size)
-    head.weight = model.transformer.wte.weight  # tied, as in GPT-2
-    model.lm_head = head
+    model = GPT2TrainingModel(hf_cfg, real_vocab_size=cfg.vocab_size)  # lm_head is tied to wte, as in GPT-2
     return conv1d_to_linear(model)
 
 
@@ -109,7 +171,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 
 
 def lm_logits(model: nn.Module, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Logits over the real vocabulary only (a no-op slice with RealVocabLMHead; a real one otherwise)."""
+    """Logits over the real vocabulary only (for evaluation: the padded columns are sliced off)."""
     return model(input_ids=input_ids).logits[..., :vocab_size]
 
 

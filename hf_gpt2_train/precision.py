@@ -25,6 +25,9 @@ How each fp8 backend is driven, and why:
   force bf16 autocast, which CPUs without native bf16 run about 30x slower.
 
 Coverage is measured on the actual module types after ``prepare`` (see ``fp8_coverage``).
+
+With ``torch.compile``, TE blocks are not compiled (``PrecisionPlan.compile_blocks`` says why); torchao's
+``Float8Linear`` is built for torch.compile, so fp8-ao blocks are compiled like bf16 ones.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import torch
 from torch import nn
 
 from hf_gpt2_train.config import ConfigError, ModelConfig, PrecisionConfig
+from hf_gpt2_train.mfu import mfu, peak_tflops  # noqa: F401  (re-exported: the trainer imports them from here)
 from hf_gpt2_train.model import matmul_flops_by_layer
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,19 @@ class PrecisionPlan:
         if self.effective == "fp8-te":
             return "te"
         return "ao" if self.is_fp8 else None
+
+    @property
+    def compile_blocks(self) -> bool:
+        """Whether ``torch.compile`` may compile the transformer blocks (``model.setup_training_forward``).
+
+        Not with TransformerEngine: TE's fp8 state (amax histories, scales) is updated in Python around each
+        ``te.Linear``; TE >= 2.x refuses its ``DelayedScaling`` recipe (the one Accelerate's ``TERecipeKwargs``
+        builds) under torch.compile ("DelayedScaling is not supported under torch.compile yet",
+        NVIDIA/TransformerEngine#2759) and older TE graph-breaks at every ``te.Linear``. So TE blocks run eagerly
+        (TE's own fused kernels do the work there) and only the lm_head + loss region, which holds no TE module
+        (lm_head stays bf16 under TE), is compiled.
+        """
+        return self.effective != "fp8-te"
 
     @property
     def fell_back(self) -> bool:
@@ -420,13 +437,31 @@ def fp8_coverage(model: nn.Module, model_cfg: ModelConfig, cfg: PrecisionConfig 
     return out
 
 
+def precision_id(precision: str | None) -> str | None:
+    """A precision as run_info/manifests store it: Accelerate's 'no' is named 'fp32'; everything else as is."""
+    return "fp32" if precision == "no" else precision
+
+
+def precision_name(effective: str | None, coverage: float | None = None) -> str:
+    """What runs, for people: 'fp32', 'fp16', 'bf16', 'fp8 (te, coverage 89%)', 'fp8 (ao emulated, coverage 42%)'.
+
+    ``effective`` is a PrecisionPlan.effective (or the run_info/manifest id); ``coverage`` the fraction of
+    weight-matmul FLOPs in fp8 (``fp8_coverage``). Also reads names written by older runs ('no').
+    """
+    eff = precision_id(effective) or "unknown"
+    if not eff.startswith("fp8"):
+        return eff
+    backend = {"fp8-te": "te", "fp8-ao": "ao", "fp8-ao-emulated": "ao emulated"}.get(eff, eff.removeprefix("fp8-"))
+    cov = f", coverage {coverage:.0%}" if coverage is not None else ""
+    return f"fp8 ({backend}{cov})"
+
+
 def describe(plan: PrecisionPlan, coverage: dict[str, Any] | None = None) -> str:
     """One start-of-run log line: requested vs effective precision and fp8 coverage."""
-    names = {"no": "fp32", "fp8-te": "fp8 (TransformerEngine)", "fp8-ao": "fp8 (torchao)",
-             "fp8-ao-emulated": "fp8 (torchao, emulated: slow, for tests)"}
-    s = f"precision: {names.get(plan.effective, plan.effective)}"
+    cov = (coverage or {}).get("fp8_coverage") if plan.is_fp8 else None
+    s = f"precision: {precision_name(plan.effective, cov)}"
     if plan.requested != plan.effective and not (plan.requested == "fp8" and plan.is_fp8):
-        s += f" (requested {plan.requested})"
+        s += f" (requested {precision_id(plan.requested)})"
     if plan.is_fp8 and coverage is not None:
         s += (f"; fp8 runs {coverage['fp8_coverage']:.1%} of weight-matmul FLOPs "
               f"({coverage['fp8_block_coverage']:.1%} of block matmuls, {coverage['fp8_layers']} layers)")
@@ -436,51 +471,16 @@ def describe(plan: PrecisionPlan, coverage: dict[str, Any] | None = None) -> str
 
 
 def precision_info(plan: PrecisionPlan, coverage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """run_info.json fields: requested/effective precision, backend, coverage and warnings."""
+    """run_info.json fields: requested/effective precision ('fp32' for Accelerate's 'no'), ``precision`` (the
+    name people read, see precision_name), backend, coverage and warnings."""
     info = plan.to_dict()
+    info["requested_precision"] = precision_id(plan.requested)
+    info["effective_precision"] = precision_id(plan.effective)
     cov = coverage or {}
     info["fp8_coverage"] = cov.get("fp8_coverage", 0.0) if plan.is_fp8 else 0.0
+    info["precision"] = precision_name(plan.effective, info["fp8_coverage"] if plan.is_fp8 else None)
     info["fp8_block_coverage"] = cov.get("fp8_block_coverage", 0.0) if plan.is_fp8 else 0.0
     info["fp8_layers"] = cov.get("fp8_layers", 0) if plan.is_fp8 else 0
     if plan.is_fp8 and "skipped" in cov:
         info["fp8_skipped"] = cov["skipped"]
     return info
-
-
-# ---------------------------------------------------------------------------------------- peak & MFU
-# Dense (no sparsity) peak TFLOP/s from NVIDIA datasheets: (bf16/fp16, fp8, tf32). Matched on the device name.
-PEAK_TFLOPS: dict[str, tuple[float, float | None, float]] = {
-    "H100 PCIe": (756.0, 1513.0, 378.0),
-    "H100 NVL": (835.0, 1671.0, 418.0),
-    "H100": (989.0, 1979.0, 495.0),  # SXM (and GH200)
-    "H200": (989.0, 1979.0, 495.0),
-    "A100": (312.0, None, 156.0),
-    "L40S": (362.0, 733.0, 183.0),
-    "L4": (121.0, 242.0, 60.0),
-}
-
-
-def peak_tflops(effective: str, device_name: str | None = None, override: float = 0.0) -> float | None:
-    """Peak dense TFLOP/s the MFU of a run with ``effective`` precision is measured against.
-
-    ``override`` (RunConfig.device_peak_tflops) wins. Otherwise the table above by device name: fp8 runs
-    (real, not emulated) against the fp8 peak, bf16/fp16 against the bf16 peak, fp32 against TF32. Unknown
-    devices (CPUs included) give None: no MFU rather than a made-up one.
-    """
-    if override > 0:
-        return override
-    if device_name is None:
-        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    for key, (bf16, fp8, tf32) in PEAK_TFLOPS.items():
-        if key in device_name:
-            if effective in ("fp8-te", "fp8-ao"):
-                return fp8
-            return tf32 if effective == "no" else bf16
-    return None
-
-
-def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: tokens/s * training FLOPs per token / peak FLOP/s (None without a peak)."""
-    if not peak:
-        return None
-    return tokens_per_sec * flops_per_token / (peak * 1e12)

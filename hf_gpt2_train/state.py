@@ -21,6 +21,8 @@ class TrainerState:
     """Seconds spent training, summed over every resume."""
     last_val_loss: float | None = None
     """val_loss of the latest evaluation."""
+    last_val_step: int | None = None
+    """Step at which last_val_loss was measured (None in checkpoints written before it was recorded)."""
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

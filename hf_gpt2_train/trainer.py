@@ -7,7 +7,6 @@ host with the device (loss, grad norm and the non-finite counter stay on the dev
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -19,11 +18,14 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 
-from hf_gpt2_train.config import Config, ConfigError
+from hf_gpt2_train.config import Config
 from hf_gpt2_train.errors import NonFiniteLossError
-from hf_gpt2_train.model import build_model, flops_per_token, lm_logits, lm_loss
+from hf_gpt2_train.fsio import write_json_atomic
+from hf_gpt2_train.model import build_model, flops_per_token, setup_training_forward
+from hf_gpt2_train.outdir import check_output_dir
+from hf_gpt2_train.redact import install_log_redaction
 from hf_gpt2_train.state import TrainerState
-from hf_gpt2_train.tracking import StepTimer, Tracker, log, log_with, setup_logging
+from hf_gpt2_train.tracking import StepTimer, Tracker, hardware, log, log_with, setup_logging
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -36,6 +38,22 @@ def lr_at(step: int, cfg: Config) -> float:
         return min_lr
     ratio = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_lr_ratio")
+
+
+def schedule_change(saved_config: dict[str, Any] | None, cfg: Config, step: int) -> str | None:
+    """One warning line when a resume changes the LR schedule the checkpoint was trained with, else None."""
+    old = (saved_config or {}).get("optim") or {}
+    changed = [k for k in SCHEDULE_KEYS if k in old and old[k] != getattr(cfg.optim, k)]
+    if not changed:
+        return None
+    before = Config.from_dict({"optim": {k: old[k] for k in SCHEDULE_KEYS if k in old}})
+    diffs = ", ".join(f"{k} {old[k]} -> {getattr(cfg.optim, k)}" for k in changed)
+    return (f"resuming with a changed LR schedule ({diffs}): the schedule now ends at step {cfg.optim.max_steps:,} "
+            f"(was {before.optim.max_steps:,}) and the lr at step {step:,} becomes {lr_at(step, cfg):.2e} "
+            f"(was {lr_at(step, before):.2e}); pass the old values to keep the old schedule")
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
@@ -66,8 +84,8 @@ class Trainer:
         self.cfg = cfg
         self.output_dir = Path(cfg.run.output_dir)
         dist = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+        micro_batch_note = cfg.fit_micro_batch(dist.num_processes)  # presets run on any number of processes
         cfg.validate(world_size=dist.num_processes)
-        self._refuse_to_clobber()
 
         from hf_gpt2_train.checkpoint import CheckpointManager, GracefulShutdown
         from hf_gpt2_train.data.loader import TrainLoader, resolve_data_dir, val_batches
@@ -85,6 +103,7 @@ class Trainer:
 
         data_dir = resolve_data_dir(cfg.data)  # fails fast, before any output is written
         self.enc = get_encoding(cfg.data.tokenizer_file)
+        check_output_dir(self.output_dir, cfg.checkpoint.resume_from_checkpoint, dist)  # a file, read-only, a run
 
         self.plan = plan_precision(cfg.precision, dist.device.type)
         self.accum = cfg.grad_accum_steps(dist.num_processes)
@@ -99,11 +118,14 @@ class Trainer:
         acc = self.accelerator
         # The manager holds run_info by reference (filled below) and resolves the resume request before
         # anything is written, so a bad --resume_from_checkpoint leaves the output folder untouched.
-        self.run_info: dict[str, Any] = {"config": cfg.to_dict()}
+        self.run_info: dict[str, Any] = {"config": cfg.to_dict(redact=True)}  # what is written/logged: no tokens
         self.mirror = HubMirror(cfg, self.output_dir, acc.is_main_process)  # --hub_strategy uploads, resume from hub
         self.checkpoints = CheckpointManager(acc, cfg.checkpoint, self.output_dir, self.run_info, hub=self.mirror)
         self.resume_path = self.checkpoints.resolve_resume(cfg.checkpoint.resume_from_checkpoint)
         setup_logging(self.output_dir, acc.is_main_process)
+        install_log_redaction(log)
+        if micro_batch_note:
+            log.info(micro_batch_note)
         for w in self.plan.warnings:
             log.warning(w)
         if acc.device.type == "cuda":
@@ -112,16 +134,17 @@ class Trainer:
 
         set_seed(cfg.run.seed)  # same init on every rank
         model = prepare_model_for_precision(build_model(cfg.model), self.plan, cfg.precision)
+        use_compile = cfg.run.compile if cfg.run.compile is not None else acc.device.type == "cuda"
+        # In place, before prepare (DDP/FSDP wrap the compiled blocks); eval runs the same modules eagerly.
+        setup_training_forward(model, use_compile, cfg.run.padded_logits, self.plan.compile_blocks)
         optimizer = build_optimizer(model, cfg, acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        use_compile = cfg.run.compile if cfg.run.compile is not None else acc.device.type == "cuda"
-        # Only the training forward is compiled; eval/sampling/saving use self.model (no _orig_mod.).
-        self.forward = torch.compile(self.model) if use_compile else self.model
 
         self.state = TrainerState()
         o = cfg.optim
         self.train_loader = TrainLoader(data_dir, o.seq_len, o.per_device_train_batch_size, acc.process_index,
-                                        acc.num_processes, cfg.run.seed, cfg.data.shuffle)
+                                        acc.num_processes, cfg.run.seed, cfg.data.shuffle,
+                                        pin_memory=acc.device.type == "cuda")
         acc.register_for_checkpointing(self.state)  # custom_checkpoint_0
         acc.register_for_checkpointing(self.train_loader)  # custom_checkpoint_1
         self.val_batches = val_batches(data_dir, o.seq_len, o.per_device_train_batch_size, cfg.data.val_batches,
@@ -132,7 +155,7 @@ class Trainer:
         self.run_info.update({
             **precision_info(self.plan, coverage),
             "world_size": acc.num_processes, "grad_accum_steps": self.accum, "compile": use_compile,
-            "device": torch.cuda.get_device_name() if acc.device.type == "cuda" else platform.processor() or "cpu",
+            **dict(zip(("device", "hardware"), hardware(acc.device.type, acc.num_processes), strict=True)),
             "data_dir": str(data_dir), "versions": _versions(),
         })
         self.shutdown = GracefulShutdown()
@@ -141,14 +164,6 @@ class Trainer:
         peak = peak_tflops(self.plan.effective, self.run_info["device"], cfg.run.device_peak_tflops)
         self.peak_flops = (peak or 0.0) * 1e12  # unknown device: no MFU rather than a made-up one
         self.nonfinite_steps = torch.zeros((), device=acc.device)
-
-    def _refuse_to_clobber(self) -> None:
-        spec = self.cfg.checkpoint.resume_from_checkpoint
-        ckpts = self.output_dir / "checkpoints"
-        has_run = (self.output_dir / "run_info.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
-        if has_run and not spec:
-            raise ConfigError(f"{self.output_dir} already holds a run: pass --resume_from_checkpoint latest to "
-                              "continue it, or choose another --output_dir")
 
     # ---------------------------------------------------------------------------------------- one step
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -159,9 +174,9 @@ class Trainer:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=acc.device)
         for _ in range(self.accum):
-            x, y = (t.to(acc.device, non_blocking=True) for t in self.train_loader.next_batch())
+            x, y = (t.to(acc.device, non_blocking=True) for t in self.train_loader.next_batch())  # pinned on CUDA
             with acc.accumulate(model):  # no gradient all-reduce on non-final micro-steps
-                loss = lm_loss(lm_logits(self.forward, x, self.cfg.model.vocab_size), y)
+                loss = model(input_ids=x, targets=y)  # the mean loss; the logits stay in the compiled region
                 acc.backward(loss)  # Accelerate divides by the accumulation steps
                 loss_sum += loss.detach()
         loss = loss_sum / self.accum
@@ -183,16 +198,20 @@ class Trainer:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         resume = self.resume_path
         if resume is not None:  # load() logs what it loaded (it may fall back past a damaged checkpoint)
-            resume = Path(self.checkpoints.load(resume)["path"])
+            manifest = self.checkpoints.load(resume)
+            resume = Path(manifest["path"])
+            if warning := schedule_change(manifest.get("config"), cfg, state.step):
+                log.warning(warning)
         self.run_info["resumed_from"] = str(resume) if resume else None
         if acc.is_main_process:
-            (self.output_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=2, default=str))
+            write_json_atomic(self.output_dir / "run_info.json", self.run_info, indent=2)
         log.info("%s; %d process(es), %d accumulation step(s), %s tokens/step", self.precision_line,
                  acc.num_processes, self.accum, f"{cfg.optim.total_batch_size:,}")
-        tracker = Tracker(acc, self.output_dir, cfg.run.run_name, self.run_info, state.step, cfg.optim.max_steps)
-        timer, started, wall0 = StepTimer(state.step), time.time(), state.wall_time
+        tracker = Tracker(acc, self.output_dir, cfg.run.run_name, self.run_info, state.step, cfg.optim.max_steps,
+                          state.tokens_seen, cfg.optim.total_batch_size)
+        timer, started, wall0 = tracker.timer, time.time(), state.wall_time
         stopped_by_signal = False
-        with self.shutdown:
+        with self.shutdown, tracker.bar_closed_on_error():
             while state.step < cfg.optim.max_steps:
                 loss, grad_norm, lr = self.train_step()
                 state.step += 1
@@ -205,28 +224,35 @@ class Trainer:
                     self._log_train(tracker, timer, loss, grad_norm, lr)
                 val_loss = None
                 if self.evaluator.due(state.step, final):
-                    metrics, samples = self.evaluator.run(state.step)
+                    with timer.paused("eval"):  # eval and save time stay out of tokens/s, MFU and ETA
+                        metrics, samples = self.evaluator.run(state.step)
                     tracker.log_eval(state.step, metrics, samples)
                     val_loss = state.last_val_loss = metrics.get("eval/val_loss")
+                    state.last_val_step = state.step
                 stopped_by_signal = self.shutdown.should_stop()
-                self.checkpoints.maybe_save(state, val_loss=val_loss, epoch_ended=epoch_ended, final=final,
-                                            force_latest=stopped_by_signal)
+                with timer.paused("checkpoint"):
+                    saved = self.checkpoints.maybe_save(state, val_loss=val_loss, epoch_ended=epoch_ended,
+                                                        final=final, force_latest=stopped_by_signal)
+                if saved is not None:
+                    tracker.log_checkpoint(state.step)
                 if stopped_by_signal:
                     break
         tracker.finish()
-        self.mirror.finish(wait=not stopped_by_signal)  # uploads in flight end before the end-of-run push
         if stopped_by_signal:
             from hf_gpt2_train.checkpoint import resume_command_hint
 
             log.warning("stopped by signal at step %d; saved 'latest'. Resume with:\n  %s", state.step,
                         resume_command_hint(self.output_dir))
+        acc.wait_for_everyone()  # the last collective: every rank is done with the final checkpoint
+        # Main: mirror uploads in flight end before the end push (the others wait in push_at_end's long barrier).
+        self.mirror.finish(wait=not stopped_by_signal)
         code = 0
-        if not stopped_by_signal and cfg.hub.push_to_hub and acc.is_main_process:
-            from hf_gpt2_train.hub import export_and_push_after_training
+        if not stopped_by_signal and cfg.hub.push_to_hub:
+            from hf_gpt2_train.hub import push_at_end
 
             # Training is done and checkpointed; a failed push only changes the exit code (1).
-            code = 0 if export_and_push_after_training(self.output_dir, cfg).ok else 1
-        acc.wait_for_everyone()
+            code = 0 if push_at_end(acc, self.output_dir, cfg) else 1
+        acc.end_training()  # closes the trackers and destroys the process group: nothing distributed after it
         return code
 
     def _log_train(self, tracker: Tracker, timer: StepTimer, loss, grad_norm, lr: float) -> None:
@@ -247,7 +273,8 @@ class Trainer:
             "train/loss": loss_mean, "train/lr": lr, "train/grad_norm": float(grad_norm),
             "perf/tokens_per_sec": tok_s, "perf/step_time_ms": 1000 * step_time,
             "time/elapsed_hours": state.wall_time / 3600,
-            "time/eta_hours": (cfg.optim.max_steps - state.step) * step_time / 3600,
+            "time/eta_hours": (cfg.optim.max_steps - state.step) * (step_time + timer.overhead_per_step(state.step))
+            / 3600,
         }
         if self.peak_flops:
             metrics["perf/mfu"] = self.flops_per_token * tok_s / (self.peak_flops * acc.num_processes)

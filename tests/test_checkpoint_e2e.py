@@ -105,7 +105,7 @@ def test_retention_and_tiers_of_a_full_run(reference: Path) -> None:
     assert sorted(evals) == [4, 8]
     assert manifest(root / "best")["step"] == min(evals, key=evals.get)
     m = manifest(root / "latest")
-    assert m["config"]["model"]["n_embd"] == 32 and m["effective_precision"] == "no" and m["world_size"] == 1
+    assert m["config"]["model"]["n_embd"] == 32 and m["effective_precision"] == "fp32" and m["world_size"] == 1
     assert m["tokens_seen"] == 8 * TOKENS_PER_STEP and set(m["files"]) >= {"model.safetensors", "optimizer.bin",
                                                                 "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"}
     assert (root / "latest" / "optimizer.bin").stat().st_ino == (root / "final" / "optimizer.bin").stat().st_ino

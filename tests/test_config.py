@@ -80,7 +80,7 @@ def test_help_comes_from_field_docstrings():
 @pytest.mark.parametrize("argv,needle", [
     (["train", "--preset", "gpt3"], "unknown preset 'gpt3'"),
     (["train", "--preset", "quickstart", "--seq_len", "4096"], "exceeds the model's context"),
-    (["train", "--preset", "quickstart", "--total_batch_size", "1000"], "is not divisible"),
+    (["train", "--preset", "quickstart", "--total_batch_size", "1000"], "no micro-batch size fits"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, argv, needle):
     proc = run_cli(*argv, "--output_dir", str(tmp_path / "o"))

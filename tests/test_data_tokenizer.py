@@ -1,8 +1,8 @@
-"""The GPT-2 tokenizer: tiktoken round trip, the offline --tokenizer_file path, the vocabulary hash."""
+"""The GPT-2 tokenizer: the vocabulary shipped in the package, --tokenizer_file, the vocabulary hash."""
 
 from __future__ import annotations
 
-import os
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +11,16 @@ import pytest
 import tiktoken
 
 from hf_gpt2_train.config import ConfigError
-from hf_gpt2_train.data.tokenizer import EOT, GPT2_VOCAB_HASH, get_encoding, vocab_hash
+from hf_gpt2_train.data.tokenizer import (
+    BUNDLED_VOCAB,
+    EOT,
+    GPT2_VOCAB_HASH,
+    R50K_BASE_SHA256,
+    bundled_ranks,
+    get_encoding,
+    vocab_hash,
+)
+from tests.conftest import offline, user_env
 
 
 def test_round_trip_on_real_text(shared_data: Path) -> None:
@@ -25,20 +34,42 @@ def test_round_trip_on_real_text(shared_data: Path) -> None:
     assert enc.n_vocab == 50257
 
 
-def test_tokenizer_file_builds_the_same_encoding_offline(shared_data: Path) -> None:
+def test_bundled_vocabulary_is_tiktokens_r50k_base_and_gpt2(shared_data: Path) -> None:
+    """The shipped file has the sha256 tiktoken itself pins for r50k_base, and builds the same Encoding as
+    GPT-2's original encoder.json + vocab.bpe (tiktoken's own `gpt2` definition) and a --tokenizer_file."""
+    import inspect
+
+    import tiktoken_ext.openai_public as openai_public
+
+    assert f'expected_hash="{R50K_BASE_SHA256}"' in inspect.getsource(openai_public.r50k_base)
+    assert hashlib.sha256(BUNDLED_VOCAB.read_bytes()).hexdigest() == R50K_BASE_SHA256
+    assert BUNDLED_VOCAB.read_bytes() == (shared_data / "gpt2.tiktoken").read_bytes()
+    assert (BUNDLED_VOCAB.parent / "README.md").read_text().count("MIT") >= 1  # source and license beside it
+
     text = (shared_data / "tinyshakespeare.txt").read_text()[:200_000]
-    online, local = get_encoding(), get_encoding(str(shared_data / "gpt2.tiktoken"))
-    assert local is not online
-    assert local.encode_ordinary(text) == online.encode_ordinary(text)
-    assert local.encode("a<|endoftext|>b", allowed_special="all") == online.encode("a<|endoftext|>b",
-                                                                                     allowed_special="all")
-    # GPT-2's original encoder.json + vocab.bpe (a folder) also work
-    folder = get_encoding(str(shared_data))
-    assert folder.encode_ordinary(text) == online.encode_ordinary(text)
+    bundled, local = get_encoding(), get_encoding(str(shared_data / "gpt2.tiktoken"))
+    original = get_encoding(str(shared_data))  # a folder with GPT-2's original encoder.json + vocab.bpe
+    assert local is not bundled and original is not bundled
+    for other in (local, original):
+        assert other.encode_ordinary(text) == bundled.encode_ordinary(text)
+        assert other.encode("a<|endoftext|>b", allowed_special="all") == bundled.encode("a<|endoftext|>b",
+                                                                                          allowed_special="all")
+        assert other._mergeable_ranks == bundled._mergeable_ranks
+
+
+def test_a_damaged_bundled_vocabulary_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "gpt2.tiktoken"
+    data = bytearray(BUNDLED_VOCAB.read_bytes())
+    data[100] ^= 1
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="damaged.*reinstall the package"):
+        bundled_ranks(bad)
+    with pytest.raises(ConfigError, match="missing.*reinstall the package"):
+        bundled_ranks(tmp_path / "gone.tiktoken")
 
 
 def test_vocab_hash_identifies_the_vocabulary(shared_data: Path) -> None:
-    online = get_encoding()
+    online = get_encoding()  # the bundled vocabulary
     assert vocab_hash(online) == GPT2_VOCAB_HASH
     assert vocab_hash(get_encoding(str(shared_data / "gpt2.tiktoken"))) == GPT2_VOCAB_HASH
     # Another vocabulary: the same ranks with two tokens swapped must hash differently.
@@ -59,18 +90,33 @@ def test_bad_tokenizer_file_is_a_config_error(tmp_path: Path) -> None:
         get_encoding(str(bad))
 
 
-def test_offline_without_cache_names_the_fix(tmp_path: Path) -> None:
-    """No vocabulary in the cache and no network: one line naming --tokenizer_file / TIKTOKEN_CACHE_DIR, exit 2."""
-    empty = tmp_path / "empty-cache"
-    empty.mkdir()
-    # A proxy on a closed loopback port makes the download fail at once, as on an offline machine.
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(empty), "HTTPS_PROXY": "http://127.0.0.1:9",
-           "https_proxy": "http://127.0.0.1:9", "HF_GPT2_TRAIN_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "hf_gpt2_train.data.prepare", "--source", "embedded",
-                           "--output_dir", str(tmp_path / "out"), "--no_progress"],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "--tokenizer_file" in lines[0] and "TIKTOKEN_CACHE_DIR" in lines[0]
-    assert not (tmp_path / "out").exists()
+def test_prepare_data_needs_no_network_and_no_tiktoken_cache(tmp_path: Path) -> None:
+    """A fresh machine with no network, no TIKTOKEN_CACHE_DIR and a new HOME tokenises with the bundled vocabulary
+    and never writes a tiktoken cache."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = user_env(home, TMPDIR=str(tmp))  # tiktoken's own download cache would go to $TMPDIR/data-gym-cache
+    proc = subprocess.run(offline([sys.executable, "-m", "hf_gpt2_train", "prepare-data", "--source", "embedded",
+                                   "--output_dir", str(tmp_path / "out"), "--max_tokens", "30000", "--num_proc", "1",
+                                   "--no_progress"]),
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNING" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert list(tmp.iterdir()) == [] and list(home.iterdir()) == []  # no tiktoken cache, nothing in HOME
+
+
+def test_the_wheel_ships_the_vocabulary(tmp_path: Path) -> None:
+    """`pip install .` (a wheel) carries assets/gpt2.tiktoken byte for byte, and its README (source, license)."""
+    import zipfile
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("hf_gpt2_train-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("hf_gpt2_train/assets/gpt2.tiktoken") == BUNDLED_VOCAB.read_bytes()
+        assert "MIT" in z.read("hf_gpt2_train/assets/README.md").decode()

@@ -6,11 +6,11 @@ import logging
 import socket
 
 import pytest
-import tiktoken
 import torch
 from accelerate import Accelerator
 
 from hf_gpt2_train.config import ConfigError, build_config
+from hf_gpt2_train.data.tokenizer import get_encoding
 from hf_gpt2_train.evaluate import Evaluator, hellaswag_eval
 from hf_gpt2_train.model import build_model
 
@@ -34,7 +34,7 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_due_every_eval_steps_and_at_the_end(shared_data) -> None:
     cfg = _cfg(eval_steps=100, hellaswag=False)
-    ev = Evaluator(cfg, Accelerator(cpu=True), build_model(cfg.model, seed=0), [], tiktoken.get_encoding("gpt2"))
+    ev = Evaluator(cfg, Accelerator(cpu=True), build_model(cfg.model, seed=0), [], get_encoding())
     assert [s for s in range(1, 301) if ev.due(s)] == [100, 200, 300]
     assert ev.due(37, final=True) and not ev.due(37)
     cfg.eval.eval_steps = 0  # only at the end
@@ -45,7 +45,7 @@ def test_run_returns_metrics_and_samples(shared_data) -> None:
     cfg = _cfg(hellaswag_path=str(shared_data / "hellaswag_val.jsonl"), hellaswag_limit=8)
     model = build_model(cfg.model, seed=0)
     model.train()
-    ev = Evaluator(cfg, Accelerator(cpu=True), model, _batches(), tiktoken.get_encoding("gpt2"))
+    ev = Evaluator(cfg, Accelerator(cpu=True), model, _batches(), get_encoding())
     metrics, samples = ev.run(step=100)
     assert set(metrics) == {"eval/val_loss", "eval/hellaswag_acc", "eval/hellaswag_acc_norm"}
     assert 9.0 < metrics["eval/val_loss"] < 12.0
@@ -56,16 +56,36 @@ def test_run_returns_metrics_and_samples(shared_data) -> None:
     assert ev.run(step=200) == (metrics, samples)  # same batches, same seed: comparable across evaluations
 
 
+def test_quickstart_has_hellaswag_off_with_one_info_line_until_a_path_is_given(shared_data, caplog) -> None:
+    """The quickstart runs offline: HellaSwag (a download) is off, and one INFO line says how to turn it on."""
+    cfg = _cfg()
+    assert cfg.eval.hellaswag is False
+    log = logging.getLogger("hf_gpt2_train.evaluate.evaluator")
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="hf_gpt2_train.evaluate.evaluator")
+    try:
+        ev = Evaluator(cfg, Accelerator(cpu=True), build_model(cfg.model, seed=0), [], get_encoding())
+    finally:
+        log.removeHandler(caplog.handler)
+    assert ev.hellaswag == []
+    # one record (caplog may see it twice: through our handler and through the root logger's)
+    lines = list({id(r): r for r in caplog.records if "HellaSwag" in r.getMessage()}.values())
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO and "--hellaswag_path" in lines[0].getMessage()
+    # giving a file turns it on; an explicit --hellaswag false still wins
+    assert _cfg(hellaswag_path=str(shared_data / "hellaswag_val.jsonl")).eval.hellaswag is True
+    assert _cfg(hellaswag_path=str(shared_data / "hellaswag_val.jsonl"), hellaswag="false").eval.hellaswag is False
+
+
 def test_no_network_skips_hellaswag_with_a_warning(monkeypatch, tmp_path, caplog) -> None:
     monkeypatch.setenv("HF_GPT2_TRAIN_HELLASWAG_URL", _closed_port_url())
     monkeypatch.setenv("HF_GPT2_TRAIN_CACHE", str(tmp_path))
-    cfg = _cfg()
+    cfg = _cfg(hellaswag=True)  # asked for, but no file and no network
     # listen on the evaluator's own logger: the trainer's logging setup stops propagation to the root
     log = logging.getLogger("hf_gpt2_train.evaluate.evaluator")
     log.addHandler(caplog.handler)
     try:
         ev = Evaluator(cfg, Accelerator(cpu=True), build_model(cfg.model, seed=0), _batches(),
-                       tiktoken.get_encoding("gpt2"))
+                       get_encoding())
     finally:
         log.removeHandler(caplog.handler)
     assert any("HellaSwag is skipped" in r.getMessage() and "--hellaswag_path" in r.getMessage()
@@ -77,4 +97,4 @@ def test_no_network_skips_hellaswag_with_a_warning(monkeypatch, tmp_path, caplog
 def test_missing_explicit_path_is_bad_input(tmp_path) -> None:
     cfg = _cfg(hellaswag_path=str(tmp_path / "nope.jsonl"))
     with pytest.raises(ConfigError, match="--hellaswag_path"):
-        Evaluator(cfg, Accelerator(cpu=True), build_model(cfg.model, seed=0), [], tiktoken.get_encoding("gpt2"))
+        Evaluator(cfg, Accelerator(cpu=True), build_model(cfg.model, seed=0), [], get_encoding())

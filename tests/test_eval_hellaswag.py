@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from hf_gpt2_train.config import ConfigError, ModelConfig, build_config
+from hf_gpt2_train.data.tokenizer import get_encoding
 from hf_gpt2_train.evaluate.hellaswag import hellaswag_eval, load_hellaswag, render_example, score_examples
 from hf_gpt2_train.model import build_model, lm_logits, lm_loss
 
@@ -23,7 +24,7 @@ N_EXAMPLES = 40
 
 @pytest.fixture(scope="module")
 def enc() -> tiktoken.Encoding:
-    return tiktoken.get_encoding("gpt2")
+    return get_encoding()
 
 
 @pytest.fixture(scope="module")

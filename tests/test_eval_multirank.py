@@ -14,9 +14,10 @@ import pytest
 # r, r+world, ...), HellaSwag examples split by i % world, samples on every rank. Each rank writes its view.
 SCRIPT = r'''
 import json, sys
-import tiktoken, torch
+import torch
 from accelerate import Accelerator
 from hf_gpt2_train.config import build_config
+from hf_gpt2_train.data.tokenizer import get_encoding
 from hf_gpt2_train.evaluate import Evaluator, hellaswag_eval
 from hf_gpt2_train.model import build_model
 
@@ -25,7 +26,7 @@ cfg = build_config("quickstart", cli={"hellaswag_path": f"{shared}/hellaswag_val
                                       "sample_max_new_tokens": 6, "n_positions": 64, "seq_len": 64})
 acc = Accelerator(cpu=True)
 model = acc.prepare(build_model(cfg.model, seed=11))
-enc = tiktoken.get_encoding("gpt2")
+enc = get_encoding()
 data = torch.tensor(enc.encode(open(f"{shared}/tinyshakespeare.txt").read()[:30000]))
 batches = []
 for b in range(6):

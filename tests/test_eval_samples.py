@@ -7,6 +7,7 @@ import tiktoken
 import torch
 
 from hf_gpt2_train.config import ModelConfig
+from hf_gpt2_train.data.tokenizer import get_encoding
 from hf_gpt2_train.evaluate.samples import generate_samples, sample_token_ids
 from hf_gpt2_train.model import build_model
 
@@ -16,7 +17,7 @@ PROMPTS = ["Hello, I'm a language model,", "The meaning of life is"]
 
 @pytest.fixture(scope="module")
 def enc() -> tiktoken.Encoding:
-    return tiktoken.get_encoding("gpt2")
+    return get_encoding()
 
 
 @pytest.fixture(scope="module")

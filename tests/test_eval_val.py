@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import tiktoken
 import torch
 from accelerate import Accelerator
 
 from hf_gpt2_train.config import ModelConfig
+from hf_gpt2_train.data.tokenizer import get_encoding
 from hf_gpt2_train.evaluate.val import val_loss
 from hf_gpt2_train.model import build_model
 
 
 def _batches(shared_data: Path, n: int, bsz: int, seq: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    enc = tiktoken.get_encoding("gpt2")
+    enc = get_encoding()
     data = torch.tensor(enc.encode((shared_data / "tinyshakespeare.txt").read_text()[:40_000]))
     out = []
     for b in range(n):

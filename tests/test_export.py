@@ -93,12 +93,46 @@ def test_exported_logits_equal_the_training_model(exported: Path, trained_run: P
     assert loss.item() < 9.0
 
 
+# OpenAI's own gpt2 config.json (huggingface.co/openai-community/gpt2/blob/main/config.json), verbatim.
+OPENAI_GPT2_CONFIG = {
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+    "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12,
+    "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+    "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+    "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}}, "vocab_size": 50257,
+}
+# What llama.cpp's convert_hf_to_gguf.py (GPT2Model.set_gguf_parameters) reads from config.json.
+LLAMA_CPP_GPT2_KEYS = ("n_layer", "n_ctx", "n_embd", "n_head", "layer_norm_epsilon")
+
+
+def test_exported_config_has_every_key_of_openais_gpt2_config(exported: Path, tmp_path: Path) -> None:
+    from hf_gpt2_train.config import ModelConfig
+    from hf_gpt2_train.hub.export import export_config
+
+    cfg = json.loads((exported / "config.json").read_text())
+    missing = sorted(set(OPENAI_GPT2_CONFIG) - set(cfg))
+    assert not missing, missing
+    assert all(k in cfg for k in LLAMA_CPP_GPT2_KEYS)
+    assert cfg["n_ctx"] == cfg["n_positions"] == 128  # this export's own shape
+    # GPT-2 124M's shape (and its 0.1 dropout) gives exactly OpenAI's values, as saved by save_pretrained
+    export_config(ModelConfig(dropout=0.1)).save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in OPENAI_GPT2_CONFIG} == OPENAI_GPT2_CONFIG
+
+
+def _front_matter(card: str) -> tuple[dict, str]:
+    assert card.startswith("---\n")
+    front, body = card[4:].split("\n---\n", 1)
+    return yaml.safe_load(front), body
+
+
 def test_model_card_is_filled_from_the_run(exported: Path, trained_run: Path) -> None:
     import matplotlib.image
+    from huggingface_hub.repocard_data import model_index_to_eval_results
 
     card = (exported / "README.md").read_text()
-    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
-    meta = yaml.safe_load(front)
+    meta, body = _front_matter(card)
     assert meta["license"] == "mit" and meta["library_name"] == "transformers"
     assert "hf-gpt2-train" in meta["tags"] and meta["pipeline_tag"] == "text-generation"
 
@@ -107,18 +141,31 @@ def test_model_card_is_filled_from_the_run(exported: Path, trained_run: Path) ->
     evals = [m for m in _metrics(trained_run) if "eval/val_loss" in m]
     assert [m["step"] for m in evals] == [EVAL_STEPS, TRAIN_STEPS]
     assert manifest["step"] == TRAIN_STEPS
-    assert f"validation loss (nats/token) | {evals[-1]['eval/val_loss']:.4f} (at step {TRAIN_STEPS})" in body
+    assert f"validation loss (nats/token, held-out split of the training data) | {evals[-1]['eval/val_loss']:.4f} (at step {TRAIN_STEPS})" in body
     assert f"HellaSwag acc_norm (completion-style, 0-shot) | {evals[-1]['eval/hellaswag_acc_norm']:.4f} (8 " in body
     assert f"HellaSwag acc | {evals[-1]['eval/hellaswag_acc']:.4f} |" in body
     assert "| preset | `quickstart` |" in body
     assert f"`final` at optimizer step {TRAIN_STEPS} of {TRAIN_STEPS}" in body
     assert f"| tokens seen | {manifest['tokens_seen']:,} |" in body and manifest["tokens_seen"] == TRAIN_STEPS * BATCH_TOKENS
-    assert f"| precision requested | {run_info['requested_precision']} |" in body
-    assert f"| precision in effect | {run_info['effective_precision']} |" in body
-    assert f"| hardware | {run_info['device']} |" in body
+    assert "| precision requested | fp32 |" in body and "| precision in effect | fp32 |" in body
+    assert ": no " not in card and "| no |" not in card  # Accelerate's "no" never reaches the reader
+    assert f"| hardware | CPU: {run_info['device']}, 1 process |" in body and run_info["device"] not in ("", "cpu")
+    assert "| |" not in body and "|  |" not in body  # no empty header or cells (they render as grey bars)
+    # the data is named from its manifest (the embedded pydoc corpus), here and in Limitations
+    assert "pydoc" in body.split("## How to use")[0] and "pydoc" in body.split("## Limitations")[1]
+    assert "web/book text" not in body
+    # model-index in the Hub's schema, read back with huggingface_hub's own parser: the run's values
+    name, results = model_index_to_eval_results(meta["model-index"])
+    got = {(r.dataset_type, r.metric_type): r for r in results}
+    assert got[("pydoc-help-topics", "loss")].metric_value == pytest.approx(evals[-1]["eval/val_loss"], abs=1e-4)
+    assert got[("Rowan/hellaswag", "acc_norm")].metric_value == pytest.approx(evals[-1]["eval/hellaswag_acc_norm"],
+                                                                              abs=1e-4)
+    assert got[("Rowan/hellaswag", "acc")].metric_value == pytest.approx(evals[-1]["eval/hellaswag_acc"], abs=1e-4)
+    assert got[("Rowan/hellaswag", "acc")].dataset_args == {"num_few_shot": 0, "num_examples": 8}
+    assert all(r.task_type == "text-generation" for r in results) and len(results) == 3
     assert f"| processes (world size) | {run_info['world_size']} |" in body
     assert f'AutoModelForCausalLM.from_pretrained("{exported}")' in body
-    assert "![Training and validation loss by optimizer step](loss_curve.png)" in body
+    assert "![Training loss (smoothed) and validation loss by optimizer step](loss_curve.png)" in body
     assert "`mit` license" in body
 
     png = exported / "loss_curve.png"
@@ -223,4 +270,5 @@ def test_export_of_an_fp8_run_is_plain_gpt2(tmp_path: Path, shared_data: Path) -
     assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
     out_ids = model.generate(torch.tensor([[50256]]), min_new_tokens=4, max_new_tokens=4, do_sample=False)
     assert out_ids.shape == (1, 5)
-    assert f"| precision in effect | {run_info['effective_precision']} (backend ao;" in (out / "README.md").read_text()
+    body = (out / "README.md").read_text()
+    assert f"| precision in effect | fp8 (ao emulated, coverage {run_info['fp8_coverage']:.0%})" in body, body

@@ -54,7 +54,7 @@ def test_fp8_profile_runs_emulated_fp8_and_learns(fp8_run):
     assert i["fp8_skipped"] == {"lm_head kept in high precision (--fp8_lm_head converts it)": ["lm_head"]}
     assert any("cannot emulate" in w for w in i["precision_warnings"])  # the profile says TE; emulation is torchao
     log = (fp8_run / "train.log").read_text()
-    assert "fp8 (torchao, emulated" in log and "100.0% of block matmuls" in log
+    assert "fp8 (ao emulated, coverage " in log and "100.0% of block matmuls" in log
     m = losses(fp8_run)
     assert sorted(m) == list(range(1, 31))
     assert m[1] > 10.0 and sum(m[s] for s in range(26, 31)) / 5 < m[1] - 2.5, m
@@ -68,7 +68,7 @@ def test_fp8_run_resumes_in_fp32_and_back_in_fp8(fp8_run, tmp_path):
     shutil.copytree(fp8_run, out, symlinks=True)
     run_cli("train", *SMALL, "--output_dir", str(out), "--mixed_precision", "no", "--max_steps", "32",
             "--warmup_steps", "5", "--resume_from_checkpoint", "latest", check=True)
-    assert info(out)["effective_precision"] == "no" and info(out)["fp8_layers"] == 0
+    assert info(out)["effective_precision"] == "fp32" and info(out)["fp8_layers"] == 0
     run_cli("train", *SMALL, *FP8, "--output_dir", str(out), "--mixed_precision", "fp8", "--max_steps", "34",
             "--warmup_steps", "5", "--resume_from_checkpoint", "latest", check=True)
     i = info(out)
@@ -110,7 +110,7 @@ def test_missing_torchao_falls_back_to_fp32_and_run_info_says_so(tmp_path):
     run_cli("train", *SMALL, *FP8, "--mixed_precision", "fp8", "--output_dir", str(out), "--max_steps", "2",
             env=env, check=True)
     i = info(out)
-    assert i["requested_precision"] == "fp8" and i["effective_precision"] == "no"
+    assert i["requested_precision"] == "fp8" and i["effective_precision"] == "fp32"
     assert i["fp8_backend"] is None and i["fp8_coverage"] == 0.0
     assert len(i["precision_warnings"]) == 1 and "torchao is not importable" in i["precision_warnings"][0]
     log = (out / "train.log").read_text()

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.backend.event_processing.plugin_event_accumulator import (
     EventAccumulator as PluginEventAccumulator,
 )
+from tensorboard.plugin_util import markdown_to_safe_html
 
 from tests.conftest import REPO, run_cli
 
@@ -35,6 +36,7 @@ class Run:
     output_dir: Path
     tb_dir: Path  # OUTPUT_DIR/runs/<run_name>
     metrics: list[dict]
+    resume_stdout: str  # the console of the resumed run
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +52,10 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> 
               str(shared_data / "hellaswag_val.jsonl"), "--hellaswag_limit", "8", "--sample_max_new_tokens", "6",
               "--device_peak_tflops", "1", "--report_to", "tensorboard"]
     run_cli("train", *common, "--max_steps", "6", check=True)
-    run_cli("train", *common, "--max_steps", "8", "--resume_from_checkpoint",
-            str(out / "checkpoints" / "step_0000004"), check=True)
+    resumed = run_cli("train", *common, "--max_steps", "8", "--resume_from_checkpoint",
+                      str(out / "checkpoints" / "step_0000004"), check=True)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return Run(out, out / "runs" / "tbrun", metrics)
+    return Run(out, out / "runs" / "tbrun", metrics, resumed.stdout)
 
 
 def _accumulator(path: Path) -> EventAccumulator:
@@ -87,8 +89,10 @@ def test_event_files_hold_every_scalar_and_samples(resumed_run: Run) -> None:
     assert SAMPLES_TAG in tags["tensors"]  # torch's SummaryWriter.add_text appends /text_summary
     samples = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors(SAMPLES_TAG)}
     assert sorted(samples) == [3, 6, 8]
-    for text in samples.values():
-        assert "Hello, I'm a language model, -> " in text and "The meaning of life is -> " in text
+    for text in samples.values():  # as TensorBoard's Text tab renders it: one code block per sample
+        html = markdown_to_safe_html(text)
+        assert html.count("<pre>") == 2 and "<ul>" not in html and "<blockquote>" not in html, html
+        assert "<code>Hello, I'm a language model,</code>" in html and "<code>The meaning of life is</code>" in html
 
 
 def test_resume_leaves_no_duplicate_steps(resumed_run: Run) -> None:
@@ -114,6 +118,59 @@ def test_resume_leaves_no_duplicate_steps(resumed_run: Run) -> None:
         assert [e.step for e in plugin_acc.Tensors(tag)] == expected, tag
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([losses[k] for k in range(1, 9)])
     assert [e.step for e in plugin_acc.Tensors(SAMPLES_TAG)] == [3, 6, 8]
+
+
+def test_one_run_folder_per_run_name_whatever_the_resumes(resumed_run: Run) -> None:
+    """A fresh run and a resume write into runs/tbrun only (no timestamp-named hparams sub-runs), and the
+    HParams tab entry lives in that run, written once."""
+    runs = resumed_run.output_dir / "runs"
+    with_events = sorted({p.parent.relative_to(runs).as_posix() for p in runs.rglob("events.out.tfevents.*")})
+    assert with_events == ["tbrun"], with_events
+    assert [p.name for p in runs.iterdir()] == ["tbrun"]
+    assert not [p for p in resumed_run.tb_dir.iterdir() if p.is_dir()]  # Accelerate's add_hparams would add one
+    plugin_acc = PluginEventAccumulator(str(resumed_run.tb_dir))
+    plugin_acc.Reload()
+    hparams = plugin_acc.PluginTagToContent("hparams")
+    assert sorted(hparams) == ["_hparams_/experiment", "_hparams_/session_end_info", "_hparams_/session_start_info"]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["optim/max_steps"].number_value == 6  # the fresh run's, not re-written by the resume
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"eval/val_loss", "eval/hellaswag_acc_norm"}
+    raw = Counter()
+    for f in resumed_run.tb_dir.glob("events.out.tfevents.*"):
+        for ev in EventFileLoader(str(f)).Load():
+            raw.update(v.tag for v in ev.summary.value if v.tag.startswith("_hparams_"))
+    assert set(raw.values()) == {1}, raw  # once, though the run started twice
+
+
+def test_metrics_jsonl_marks_the_resume_for_the_loss_plot(resumed_run: Run) -> None:
+    from hf_gpt2_train.hub.card import read_metrics
+    from hf_gpt2_train.hub.loss_plot import resume_steps
+
+    assert resume_steps(read_metrics(resumed_run.output_dir / "metrics.jsonl")) == [4]
+    assert all(m["tokens"] == m["step"] * 1024 for m in resumed_run.metrics)
+
+
+def test_resume_that_changes_the_schedule_warns_once(resumed_run: Run) -> None:
+    lines = [x for x in resumed_run.resume_stdout.splitlines() if "changed LR schedule" in x]
+    assert len(lines) == 1, resumed_run.resume_stdout
+    assert " WARNING " in lines[0] and "max_steps 6 -> 8" in lines[0] and "ends at step 8 (was 6)" in lines[0]
+    assert "lr at step 4 becomes" in lines[0]
+
+
+def test_checkpoints_list_shows_each_checkpoints_own_val_loss(resumed_run: Run) -> None:
+    """Evaluations at 3, 6, 8; saves at 2, 4, 6, 8: step_0000004 carries the val loss of step 3, marked so
+    (a checkpoint saved before any evaluation shows '-': tests/test_tracking.py)."""
+    val = _metric(resumed_run, "eval/val_loss")
+    rows = {r["tier"]: r for r in json.loads(run_cli("checkpoints", "list", str(resumed_run.output_dir), "--json",
+                                                     check=True).stdout)}
+    assert rows["step_0000004"]["val_loss_step"] == 3 and rows["step_0000006"]["val_loss_step"] == 6
+    table = run_cli("checkpoints", "list", str(resumed_run.output_dir), check=True).stdout
+    line = {x.split()[0]: x for x in table.splitlines() if x.strip()}
+    assert f"{val[8]:.4f}" in line["final"] and "(step" not in line["final"]
+    assert f"{val[3]:.4f} (step 3)" in line["step_0000004"]
 
 
 # ------------------------------------------------------------------------------------------ HTTP server
@@ -154,7 +211,7 @@ def _serve_and_check(cmd: list[str], port: int, run: Run, env: dict | None = Non
         assert [int(s) for _, s, _ in val] == [3, 6, 8]
         text = _get_json(f"http://127.0.0.1:{port}/data/plugin/text/text?run=tbrun&tag={SAMPLES_TAG}")
         assert [t["step"] for t in text] == [3, 6, 8]
-        assert all("The meaning of life is -&gt; " in t["text"] or "The meaning of life is -> " in t["text"]
+        assert all(t["text"].count("<pre>") == 2 and "<code>The meaning of life is</code>" in t["text"]
                    for t in text)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, free_port, run_cli
 
 REFERENCE = REPO / "tests" / "reference" / "quickstart_loss.json"
 # Small and fast: quickstart model, no trackers/HellaSwag unless a test needs them.
@@ -18,24 +18,6 @@ FAST = ["--preset", "quickstart", "--report_to", "none", "--hellaswag", "false",
 def metrics(out: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "train/loss" in r}
-
-
-def test_quickstart_contract_runs_offline_and_learns(tmp_path):
-    """The README quickstart command on CPU with no network (tiktoken cache filled): exits 0, loss falls."""
-    out = tmp_path / "qs"
-    proc = run_cli("train", "--preset", "quickstart", "--output_dir", str(out), "--max_steps", "60",
-                   "--eval_steps", "60", "--hellaswag_limit", "20", "--sample_max_new_tokens", "8")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = metrics(out)
-    first, last = m[min(m)]["train/loss"], m[max(m)]["train/loss"]
-    assert first > 9.0  # ~ln(50257) at init
-    assert last < first - 3.0, (first, last)
-    info = json.loads((out / "run_info.json").read_text())
-    assert info["effective_precision"] == "no" and info["world_size"] == 1
-    assert (out / "train.log").read_text().count("step ") >= 6
-    assert (out / "checkpoints" / "final" / "manifest.json").is_file()
-    val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval/val_loss" in x]
-    assert val and val[-1]["eval/val_loss"] < 7.5
 
 
 def test_fixed_seed_reference_loss_curve(tmp_path):
@@ -111,14 +93,18 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     import sys
 
     one, two = tmp_path / "one", tmp_path / "two"
-    common = [*FAST, "--max_steps", "3", "--eval_steps", "0", "--checkpoint_steps", "0",
-              "--per_device_train_batch_size", "8"]
-    run_cli("train", *common, "--output_dir", str(one), check=True)
+    common = ["--max_steps", "3", "--eval_steps", "0", "--checkpoint_steps", "0", "--per_device_train_batch_size", "8"]
+    run_cli("train", *FAST, *common, "--output_dir", str(one), check=True)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    # The 2-process run keeps the default trackers (TensorBoard): the end of a multi-process run with them
+    # (end_training destroys the process group) must exit 0 with no traceback.
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29533", "-m", "hf_gpt2_train", "train", *common, "--output_dir",
-                           str(two)], capture_output=True, text=True, env=env, timeout=600)
+                           "--master_port", str(free_port()), "-m", "hf_gpt2_train", "train", "--preset", "quickstart",
+                           "--logging_steps", "1", *common, "--output_dir", str(two)],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert list((two / "runs").rglob("events.out.tfevents.*"))
     assert json.loads((two / "run_info.json").read_text())["world_size"] == 2
     m1, m2 = metrics(one), metrics(two)
     assert set(m1) == set(m2)

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_gpt2_train.fsio import fsync_path, write_json_atomic  # the names other modules import from here
+
 logger = logging.getLogger("hf_gpt2_train.checkpoint")
 
 MANIFEST = "manifest.json"
@@ -51,23 +53,6 @@ _warned_no_links = False
 
 class CheckpointInvalid(Exception):
     """A folder is not a complete, intact checkpoint; ``str(e)`` says why."""
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a rename is only durable once its parent directory is fsync'd)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except (IsADirectoryError, PermissionError):  # directories cannot be opened on Windows: nothing to do
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some filesystems refuse fsync on directories (EINVAL); files must still succeed.
-        if not path.is_dir():
-            raise
-        logger.debug("fsync of directory %s not supported: %s", path, e)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path, start: int = 0, length: int | None = None) -> str:
@@ -120,17 +105,6 @@ def file_entries(folder: Path, files: list[Path], pool: ThreadPoolExecutor) -> d
         size = p.stat().st_size
         jobs.append((p, size, [pool.submit(sha256_file, p, a, n) for a, n in _digest_tasks(p, size)]))
     return {p.relative_to(folder).as_posix(): _entry(size, [f.result() for f in futs]) for p, size, futs in jobs}
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temp file + fsync + rename + fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def data_files(folder: Path) -> list[Path]:

@@ -33,7 +33,10 @@ def checkpoint_root(path: Path) -> Path:
 
 
 def list_checkpoints(root: Path, sha256: bool = False) -> list[dict[str, Any]]:
-    """One row per tier folder: tier, step, tokens, val_loss, bytes, created, valid, reason."""
+    """One row per tier folder: tier, step, tokens, val_loss, val_loss_step, bytes, created, valid, reason.
+
+    ``val_loss`` is the latest validation loss as of the checkpoint, measured at ``val_loss_step`` (None in
+    manifests written before that field existed)."""
     rows = []
     for p in sorted((c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_sort_key):
         v = atomic.verify(p, sha256=sha256)
@@ -44,7 +47,7 @@ def list_checkpoints(root: Path, sha256: bool = False) -> list[dict[str, Any]]:
             except atomic.CheckpointInvalid:
                 m = {}
         rows.append({"tier": p.name, "path": str(p), "step": m.get("step"), "tokens": m.get("tokens_seen"),
-                     "val_loss": m.get("val_loss"), "bytes": atomic.folder_bytes(p), "created": m.get("created_unix"),
+                     "val_loss": m.get("val_loss"), "val_loss_step": m.get("val_loss_step"), "bytes": atomic.folder_bytes(p), "created": m.get("created_unix"),
                      "valid": v.ok, "reason": v.reason})
     return rows
 
@@ -67,6 +70,17 @@ def _age(created: float | None) -> str:
     return f"{s:.0f}s"
 
 
+def val_loss_cell(row: dict[str, Any]) -> str:
+    """'4.1234' when measured at the checkpoint's own step, '4.5678 (step 80)' when at an earlier one, '-' if none."""
+    v = row.get("val_loss")
+    if v is None:
+        return "-"
+    at = row.get("val_loss_step")
+    if at == row.get("step"):
+        return f"{v:.4f}"
+    return f"{v:.4f} (step {at if at is not None else '?'})"
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     root = checkpoint_root(Path(args.output_dir))
     rows = list_checkpoints(root, sha256=args.sha256)
@@ -77,7 +91,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for r in rows:
         table.append((r["tier"], "-" if r["step"] is None else str(r["step"]),
                       "-" if r["tokens"] is None else f"{r['tokens']:,}",
-                      "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}", _human_bytes(r["bytes"]),
+                      val_loss_cell(r), _human_bytes(r["bytes"]),
                       _age(r["created"]), "yes" if r["valid"] else f"NO: {r['reason']}"))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:

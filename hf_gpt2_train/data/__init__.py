@@ -1,6 +1,6 @@
 """Data pipeline: tokenizer, ``prepare-data``, shard formats, the global-position loader, the embedded corpus.
 
-* :mod:`~hf_gpt2_train.data.tokenizer`: tiktoken ``gpt2`` (online or from ``--tokenizer_file``), ``EOT``,
+* :mod:`~hf_gpt2_train.data.tokenizer`: tiktoken ``gpt2`` built from the bundled vocabulary (or ``--tokenizer_file``), ``EOT``,
   ``vocab_hash``.
 * :mod:`~hf_gpt2_train.data.prepare`: ``hf-gpt2-train prepare-data`` (documents -> uint16 shards +
   manifest, resumable).

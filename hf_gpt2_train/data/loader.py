@@ -98,22 +98,34 @@ def _split_stream(shards: ShardSet, split: str, seq_len: int) -> tuple[TokenStre
     return stream, max(0, (stream.total - 1) // seq_len)
 
 
-def _to_xy(tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
-            torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])))
+def _to_xy(tokens: np.ndarray, pin_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 inputs and targets. ``pin_memory``: written straight into page-locked host memory (the one copy
+    that is made anyway), so that ``.to("cuda", non_blocking=True)`` is a real asynchronous DMA and the host
+    goes on queueing kernels; from pageable memory CUDA stages the copy and the host waits for it."""
+    if not pin_memory:
+        return (torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+                torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])))
+    b, t = tokens.shape[0], tokens.shape[1] - 1
+    x = torch.empty((b, t), dtype=torch.int64, pin_memory=True)
+    y = torch.empty((b, t), dtype=torch.int64, pin_memory=True)
+    x.numpy()[:] = tokens[:, :-1]
+    y.numpy()[:] = tokens[:, 1:]
+    return x, y
 
 
 class TrainLoader:
     """This rank's micro-batches of the training split (see the module docstring for the semantics)."""
 
     def __init__(self, data_dir: Path, seq_len: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool):
+                 shuffle: bool, pin_memory: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.data_dir = Path(data_dir)
         self.seq_len, self.micro_batch_size = seq_len, micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        self.pin_memory = pin_memory
+        """Return batches in page-locked memory (for CUDA: the trainer sets it when the device is a GPU)."""
         self.stream, self.num_windows = _split_stream(scan(self.data_dir), "train", seq_len)
         if self.num_windows < 1:
             raise ConfigError(f"the training split of {self.data_dir} has {self.stream.total} tokens, fewer than "
@@ -146,7 +158,7 @@ class TrainLoader:
         windows = self.window_indices(g + self.rank * b, b)
         tokens = self.stream.read(windows * self.seq_len, self.seq_len + 1)
         self.epoch, self.cursor = divmod(g + self.world_size * b, self.num_windows)
-        return _to_xy(tokens)
+        return _to_xy(tokens, self.pin_memory)
 
     def state_dict(self) -> dict[str, Any]:
         """The global position (no rank or world size in it) plus what must match on resume."""

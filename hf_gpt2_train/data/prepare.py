@@ -42,11 +42,11 @@ from hf_gpt2_train.data.shards import (
     MANIFEST,
     read_manifest,
     shard_name,
-    write_json_atomic,
     write_npy_atomic,
 )
 from hf_gpt2_train.data.sources import DocSource, open_source
 from hf_gpt2_train.data.tokenizer import EOT, get_encoding, vocab_hash
+from hf_gpt2_train.fsio import write_json_atomic
 
 DEFAULT_SOURCE = "HuggingFaceFW/fineweb-edu"
 DEFAULT_SOURCE_CONFIG = "sample-10BT"
@@ -79,7 +79,7 @@ class PrepareArgs:
     num_proc: int = 0
     """Tokenizer processes (0: one per CPU core)."""
     tokenizer_file: str = ""
-    """Local gpt2.tiktoken file (offline machines)."""
+    """Another gpt2.tiktoken ranks file (default: the GPT-2 vocabulary shipped in the package)."""
     progress: bool = True
     """Show a progress bar on stderr."""
     verbose: bool = True
@@ -420,7 +420,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 100M, like build-nanogpt; embedded corpus: 20000).")
     p.add_argument("--max_tokens", type=parse_count, default=0, help="Stop after N tokens (val + train); 0: all.")
     p.add_argument("--num_proc", type=int, default=0, help="Tokenizer processes (default: one per CPU core).")
-    p.add_argument("--tokenizer_file", default="", help="Local gpt2.tiktoken (offline machines).")
+    p.add_argument("--tokenizer_file", default="",
+                   help="Another gpt2.tiktoken ranks file (default: the one shipped in the package).")
     p.add_argument("--no_progress", action="store_true", help="No progress bar.")
 
 

@@ -17,7 +17,6 @@ Every shard is memory-mapped: opening a 10B-token folder costs a few file handle
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from hf_gpt2_train.config import ConfigError
 from hf_gpt2_train.data.tokenizer import GPT2_VOCAB_HASH
+from hf_gpt2_train.fsio import atomic_writer
 
 MANIFEST = "manifest.json"
 FORMAT_NAME = "hf-gpt2-train/token-shards"
@@ -91,34 +91,10 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     return m
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file, fsync it, rename it into place and fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_npy_atomic(path: Path, tokens: np.ndarray) -> None:
-    """``np.save`` a uint16 shard under a temp name, fsync, then rename: a shard file is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """``np.save`` a uint16 shard through :func:`~hf_gpt2_train.fsio.atomic_writer`: a shard is whole or absent."""
+    with atomic_writer(path, "wb") as f:
         np.save(f, np.ascontiguousarray(tokens, dtype=np.uint16), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _npy_tokens(path: Path) -> int:

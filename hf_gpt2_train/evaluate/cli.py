@@ -59,7 +59,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--hellaswag_limit", type=_int_at_least(0), default=0, help="Score only the first N examples (0: all).")
     p.add_argument("--hellaswag_batch_examples", type=_int_at_least(1), default=4,
                    help="HellaSwag examples (x4 endings) per forward pass.")
-    p.add_argument("--tokenizer_file", default="", help="Local gpt2.tiktoken for offline machines.")
+    p.add_argument("--tokenizer_file", default="",
+                   help="Another gpt2.tiktoken ranks file (default: the GPT-2 vocabulary shipped in the package).")
     p.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                    help="Autocast for evaluation (default: what the accelerate config says).")
     p.add_argument("--output", default="", help="Also write the JSON to this file.")

@@ -35,6 +35,9 @@ class Evaluator:
         self.hellaswag: list[dict[str, Any]] = []
         if cfg.eval.hellaswag:
             self.hellaswag = self._load_hellaswag()
+        elif accelerator.is_main_process:
+            logger.info("HellaSwag is off for this run: pass --hellaswag_path /path/to/hellaswag_val.jsonl (or "
+                        "--hellaswag true to download it once) to score it at each evaluation")
 
     def _load_hellaswag(self) -> list[dict[str, Any]]:
         """The HellaSwag rows; a failed download (no --hellaswag_path given) skips HellaSwag with a warning.

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from torch import nn
 
 from hf_gpt2_train.config import ConfigError
 from hf_gpt2_train.evaluate.common import base_model, eval_mode, supports_logits_to_keep
+from hf_gpt2_train.fsio import atomic_writer
 from hf_gpt2_train.model import lm_logits, lm_loss
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -51,28 +51,21 @@ def cache_root() -> Path:
 
 
 def _download(url: str, dest: Path, sha256: str) -> None:
-    """Download ``url`` to ``dest`` atomically: temp file in the same folder, checksum, fsync, rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    """Download ``url`` to ``dest`` atomically (:func:`~hf_gpt2_train.fsio.atomic_writer`), checksum first."""
     h = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_writer(dest, "wb") as f, urllib.request.urlopen(url, timeout=60) as resp:
             while chunk := resp.read(1 << 20):
                 f.write(chunk)
                 h.update(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        if h.hexdigest() != sha256:
-            raise ConfigError(f"HellaSwag download from {url} is corrupt (sha256 {h.hexdigest()[:12]}... != "
-                              f"{sha256[:12]}...): retry, or pass --hellaswag_path FILE")
-        os.replace(tmp, dest)
+            if h.hexdigest() != sha256:  # raised inside the writer: the temp file is dropped, nothing cached
+                raise ConfigError(f"HellaSwag download from {url} is corrupt (sha256 {h.hexdigest()[:12]}... != "
+                                  f"{sha256[:12]}...): retry, or pass --hellaswag_path FILE")
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", None) or e
         raise ConfigError(f"could not download HellaSwag from {url} ({reason}): on an offline machine pass "
                           "--hellaswag_path /path/to/hellaswag_val.jsonl") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _parse(path: Path) -> list[dict[str, Any]]:

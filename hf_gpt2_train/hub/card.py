@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hf_gpt2_train.config import ConfigError
+from hf_gpt2_train.redact import redact_secrets
 
 CARD_TAG = "hf-gpt2-train"  # also how export.py recognises a folder it wrote
 
@@ -127,7 +126,8 @@ def collect_run_record(checkpoint: Path) -> RunRecord:
     tokens = manifest.get("tokens_seen", state.get("tokens_seen"))
     rec = RunRecord(checkpoint=checkpoint, run_dir=run_dir, step=step,
                     tokens_seen=int(tokens) if tokens is not None else None,
-                    config=manifest.get("config") or run_info.get("config") or {}, run_info=run_info,
+                    config=redact_secrets(manifest.get("config") or run_info.get("config") or {}),
+                    run_info=redact_secrets(run_info),  # runs saved before redaction existed may hold a token
                     metrics=metrics, wall_time_s=_finite(state.get("wall_time")))
     # Eval results as of this checkpoint: the latest eval logged at or before its step.
     for row in metrics:
@@ -150,34 +150,6 @@ def collect_run_record(checkpoint: Path) -> RunRecord:
     return rec
 
 
-def plot_loss_curve(rec: RunRecord, path: Path) -> bool:
-    """Train/val loss against step as a PNG (matplotlib Agg, no display needed). False if nothing to plot."""
-    train = [(r["step"], v) for r in rec.metrics if (v := _finite(_first(r, TRAIN_LOSS))) is not None]
-    val = [(r["step"], v) for r in rec.metrics if (v := _finite(_first(r, VAL_LOSS))) is not None]
-    if not train and not val:
-        return False
-    # Figure + Agg canvas directly: no pyplot global state, safe inside a training process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.0, 4.0), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", linewidth=1.2)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val loss", color="tab:orange", markersize=4)
-    ax.axvline(rec.step, color="gray", linestyle="--", linewidth=0.8, label=f"this checkpoint (step {rec.step})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.set_title(f"{rec.config.get('preset') or 'GPT-2'}: training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(str(path), format="png")
-    return True
-
-
 def _fmt_int(n: int | None) -> str:
     return f"{n:,}" if n is not None else "not recorded"
 
@@ -189,21 +161,45 @@ def _fmt_hours(s: float | None) -> str:
 
 
 def _precision(info: dict[str, Any], cfg: dict[str, Any]) -> tuple[str, str]:
+    """(requested, in effect), named by what runs: fp32 / fp16 / bf16 / fp8 (te|ao, coverage N%)."""
+    from hf_gpt2_train.precision import precision_id, precision_name
+
     requested = info.get("requested_precision") or (cfg.get("precision") or {}).get("mixed_precision")
     effective = info.get("effective_precision")
-    eff = str(effective) if effective else "not recorded"
-    if eff.startswith("fp8"):
-        extras = [f"backend {info['fp8_backend']}"] if info.get("fp8_backend") else []
-        if _finite(info.get("fp8_coverage")) is not None:
-            extras.append(f"{100 * float(info['fp8_coverage']):.0f}% of matmul FLOPs in fp8")
-        if info.get("bf16_layers"):
-            extras.append(f"kept in higher precision: {', '.join(map(str, info['bf16_layers']))}")
-        eff += f" ({'; '.join(extras)})" if extras else ""
-    return (str(requested) if requested else "default of the launch config"), eff
+    if not effective:
+        eff = "not recorded"
+    else:
+        eff = precision_name(effective, _finite(info.get("fp8_coverage")) if str(effective).startswith("fp8") else None)
+    if eff.startswith("fp8") and info.get("fp8_skipped"):
+        kept = [n for names in (info["fp8_skipped"] or {}).values() for n in names]
+        if kept:
+            eff += f"; kept in higher precision: {', '.join(map(str, kept[:6]))}" + (" ..." if len(kept) > 6 else "")
+    return (precision_id(str(requested)) if requested else "default of the launch config"), eff
 
 
-def _dataset(cfg: dict[str, Any], info: dict[str, Any]) -> tuple[str, str | None]:
-    """(human description, Hub dataset id or None) of the training data, from the shards' own manifest."""
+@dataclass
+class DatasetInfo:
+    """The training data as the shards' own manifest names it."""
+
+    description: str
+    """Markdown for prose: '`HuggingFaceFW/fineweb-edu` (`sample-10BT`)', 'Python's pydoc help topics ...'."""
+    hub_id: str | None
+    """Hub dataset id (front matter ``datasets:``), when the data came from the Hub."""
+    name: str
+    """Plain name for the model-index (no Markdown)."""
+    type: str
+    """model-index ``dataset.type``: the Hub id, else a slug saying what it is."""
+    config: str | None = None
+
+
+def _files_desc(files: list[Any]) -> str:
+    names = [Path(f[0] if isinstance(f, (list, tuple)) else str(f)).name for f in files]
+    shown = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{len(names)} local file(s) ({shown})" if names else "local files"
+
+
+def dataset_info(cfg: dict[str, Any], info: dict[str, Any]) -> DatasetInfo:
+    """What the run trained on, from ``DATA_DIR/manifest.json`` (prepare-data's record of its source)."""
     data_dir = info.get("data_dir") or (cfg.get("data") or {}).get("data_dir") or ""
     source: Any = None
     if data_dir:
@@ -214,15 +210,58 @@ def _dataset(cfg: dict[str, Any], info: dict[str, Any]) -> tuple[str, str | None
     if isinstance(source, dict):
         kind = source.get("kind")
         if kind == "hf" and source.get("path"):
-            sub = f" (`{source['config']}`)" if source.get("config") else ""
-            return f"`{source['path']}`{sub}", str(source["path"])
+            path, conf = str(source["path"]), source.get("config")
+            sub = f" (`{conf}`)" if conf else ""
+            return DatasetInfo(f"`{path}`{sub}", path, f"{path}" + (f" ({conf})" if conf else ""), path, conf)
         if kind == "embedded":
-            return "the project's embedded quickstart corpus", None
+            return DatasetInfo("Python's `pydoc` help topics (the project's embedded quickstart corpus)",
+                               None, "Python pydoc help topics (embedded quickstart corpus)", "pydoc-help-topics")
         if kind == "files":
-            return f"{len(source.get('files') or [])} local text file(s)", None
-    if not (cfg.get("data") or {}).get("data_dir"):
-        return "the project's embedded quickstart corpus", None
-    return f"token shards from `{Path(data_dir).name}`", None
+            desc = _files_desc(source.get("files") or [])
+            return DatasetInfo(desc, None, desc.replace("`", ""), "local-files")
+    if not data_dir:
+        return DatasetInfo("the project's embedded quickstart corpus", None, "embedded quickstart corpus",
+                           "pydoc-help-topics")
+    name = Path(data_dir).name
+    return DatasetInfo(f"token shards from `{name}`", None, f"token shards from {name}", "local-token-shards")
+
+
+def front_matter(rec: RunRecord, *, name: str, license: str, data: DatasetInfo) -> str:
+    """YAML metadata in the Hub's schema, with a ``model-index`` of this run's evaluation results (built with
+    huggingface_hub's ModelCardData/EvalResult, the Hub's own model of it)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    results = []
+    if rec.val_loss is not None:
+        results.append(EvalResult(
+            task_type="text-generation", task_name="Language modeling", dataset_type=data.type,
+            dataset_name=f"{data.name}, validation split", dataset_config=data.config, dataset_split="validation",
+            metric_type="loss", metric_value=round(rec.val_loss, 4),
+            metric_name=f"validation loss (nats/token, step {rec.val_loss_step})"))
+    if rec.hellaswag_acc_norm is not None:
+        args = {"num_few_shot": 0, **({"num_examples": rec.hellaswag_count} if rec.hellaswag_count else {})}
+        for metric, value in (("acc", rec.hellaswag_acc), ("acc_norm", rec.hellaswag_acc_norm)):
+            if value is not None:
+                results.append(EvalResult(
+                    task_type="text-generation", task_name="Commonsense completion (0-shot)",
+                    dataset_type="Rowan/hellaswag", dataset_name="HellaSwag", dataset_split="validation",
+                    dataset_args=args, metric_type=metric, metric_value=round(value, 4),
+                    metric_name=f"HellaSwag {metric}" + (f" ({rec.hellaswag_count:,} examples)"
+                                                         if rec.hellaswag_count else "")))
+    card = ModelCardData(
+        library_name="transformers", pipeline_tag="text-generation", license=license, language=["en"],
+        tags=["gpt2", "text-generation", "causal-lm", "pretrained-from-scratch", CARD_TAG],
+        datasets=[data.hub_id] if data.hub_id else None, model_name=name, eval_results=results or None)
+    return card.to_yaml().strip()
+
+
+def _fmt_hardware(info: dict[str, Any]) -> str:
+    if info.get("hardware"):
+        return str(info["hardware"])
+    device, world = info.get("device_name") or info.get("device"), info.get("world_size")
+    if not device:
+        return "not recorded"
+    return f"{device} x {world}" if world else str(device)
 
 
 def render_model_card(rec: RunRecord, *, repo_ref: str, license: str, n_params: int, has_curve: bool,
@@ -231,19 +270,10 @@ def render_model_card(rec: RunRecord, *, repo_ref: str, license: str, n_params: 
     cfg, info = rec.config, rec.run_info
     m, o = cfg.get("model") or {}, cfg.get("optim") or {}
     preset = cfg.get("preset") or "custom"
-    data_desc, dataset_id = _dataset(cfg, info)
+    data = dataset_info(cfg, info)
     requested, effective = _precision(info, cfg)
-    meta: dict[str, Any] = {
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "license": license,
-        "language": ["en"],
-        "tags": ["gpt2", "text-generation", "causal-lm", "pretrained-from-scratch", CARD_TAG],
-    }
-    if dataset_id:
-        meta["datasets"] = [dataset_id]
-    front = yaml.safe_dump(meta, sort_keys=False).strip()
     name = title or (cfg.get("run") or {}).get("run_name") or "gpt2"
+    front = front_matter(rec, name=name, license=license, data=data)
 
     def res(v: float | None, fmt: str) -> str:
         return format(v, fmt) if v is not None else "not measured"
@@ -253,7 +283,6 @@ def render_model_card(rec: RunRecord, *, repo_ref: str, license: str, n_params: 
         hs += f" ({rec.hellaswag_count:,} examples)"
     versions = info.get("versions") or info.get("package_versions") or {}
     versions_txt = ", ".join(f"{k} {v}" for k, v in versions.items()) if isinstance(versions, dict) else ""
-    device = info.get("device_name") or info.get("device") or "not recorded"
     world = info.get("world_size")
     batch = o.get("total_batch_size")
     lines = [
@@ -261,7 +290,7 @@ def render_model_card(rec: RunRecord, *, repo_ref: str, license: str, n_params: 
         f"# {name}", "",
         f"A GPT-2 language model ({m.get('n_layer')} layers, {m.get('n_head')} heads, hidden size "
         f"{m.get('n_embd')}, context {m.get('n_positions')} tokens, {n_params / 1e6:.1f}M parameters) pretrained "
-        f"from scratch on {data_desc} with `hf-gpt2-train` (GPT-2 pretraining on HuggingFace Accelerate). "
+        f"from scratch on {data.description} with `hf-gpt2-train` (GPT-2 pretraining on HuggingFace Accelerate). "
         "The weights are a stock transformers `GPT2LMHeadModel`; the tokenizer is GPT-2's byte-level BPE "
         "(tiktoken `gpt2`, 50,257 tokens, `<|endoftext|>` as bos/eos).", "",
         "## How to use", "",
@@ -278,12 +307,13 @@ def render_model_card(rec: RunRecord, *, repo_ref: str, license: str, n_params: 
         "```", "",
         "## Evaluation", "",
         "| metric | value |", "| --- | --- |",
-        f"| validation loss (nats/token) | {res(rec.val_loss, '.4f')}"
+        f"| validation loss (nats/token, held-out split of the training data) | {res(rec.val_loss, '.4f')}"
         + (f" (at step {rec.val_loss_step:,})" if rec.val_loss_step is not None else "") + " |",
         f"| HellaSwag acc_norm (completion-style, 0-shot) | {hs} |",
         f"| HellaSwag acc | {res(rec.hellaswag_acc, '.4f')} |", "",
         "## Training", "",
-        "| | |", "| --- | --- |",
+        "| setting | value |", "| --- | --- |",
+        f"| data | {data.description} |",
         f"| preset | `{preset}` |",
         f"| checkpoint | `{rec.tier}` at optimizer step {rec.step:,} of {_fmt_int(o.get('max_steps'))} |",
         f"| tokens seen | {_fmt_int(rec.tokens_seen)} |",
@@ -293,7 +323,7 @@ def render_model_card(rec: RunRecord, *, repo_ref: str, license: str, n_params: 
         f"cosine decay to {o.get('min_lr_ratio')}x |",
         f"| precision requested | {requested} |",
         f"| precision in effect | {effective} |",
-        f"| hardware | {device} |",
+        f"| hardware | {_fmt_hardware(info)} |",
         f"| processes (world size) | {world if world is not None else 'not recorded'} |",
         f"| training time | {_fmt_hours(rec.wall_time_s)} |",
     ]
@@ -301,11 +331,13 @@ def render_model_card(rec: RunRecord, *, repo_ref: str, license: str, n_params: 
         lines.append(f"| software | {versions_txt} |")
     lines.append("")
     if has_curve:
-        lines += ["![Training and validation loss by optimizer step](loss_curve.png)", ""]
+        lines += ["![Training loss (smoothed) and validation loss by optimizer step](loss_curve.png)", ""]
+    size = "small " if n_params < 400e6 else ""
     lines += [
         "## Limitations", "",
-        "A small model pretrained on web/book text with no instruction tuning or safety filtering: it continues "
-        "text, often incorrectly, and can reproduce biases of its training data.", "",
+        f"A {size}base model pretrained only on {data.description}, with no instruction tuning or safety "
+        "filtering: it continues text in the style of that data, often incorrectly, knows little beyond it, and "
+        "can reproduce biases of its training data. It is not a chat or instruction-following model.", "",
         "## License", "",
         f"The model weights are released under the `{license}` license.", "",
     ]

@@ -14,8 +14,8 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tier", default="", help="Tier to take when CHECKPOINT is an output dir.")
     p.add_argument("--out", default="", help="Export folder (default: OUTPUT_DIR/hf_export/<tier>, or "
                    "<checkpoint>_hf next to a checkpoint outside an output dir).")
-    p.add_argument("--tokenizer_file", default="", help="Local gpt2.tiktoken (default: the run's, else tiktoken's "
-                   "gpt2, downloaded once or from TIKTOKEN_CACHE_DIR).")
+    p.add_argument("--tokenizer_file", default="", help="Another gpt2.tiktoken (default: the run's own, else the "
+                   "GPT-2 vocabulary shipped in the package).")
     p.add_argument("--license", default="mit", help="License of the weights, as a Hub license id.")
 
 
@@ -38,6 +38,11 @@ def cmd_push(args: argparse.Namespace) -> int:
     from hf_gpt2_train.hub.export import is_export_dir
     from hf_gpt2_train.hub.push import push_to_hub
 
+    if args.hub_token:
+        from hf_gpt2_train.redact import register_secret, warn_token_on_command_line
+
+        warn_token_on_command_line("--hub_token")
+        register_secret(args.hub_token)
     src = Path(args.checkpoint)
     # An existing export (e.g. left by a failed push) is pushed as it is; anything else is exported first.
     export_dir = src if is_export_dir(src) else _export(args, repo_id=args.hub_model_id)

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hf_gpt2_train.config import ConfigError, ModelConfig
+from hf_gpt2_train.fsio import fsync_dir, fsync_path
+from hf_gpt2_train.redact import redact_secrets
 
 if TYPE_CHECKING:
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
 TIERS = ("final", "best", "latest", "latest_backup")
 TIER_ALIASES = {"backup": "latest_backup"}
@@ -136,15 +138,25 @@ def _recover(out_dir: Path) -> None:
             os.replace(old, out_dir)
 
 
+def export_config(mcfg: ModelConfig) -> GPT2Config:
+    """The export's config: every key of OpenAI's own gpt2 config.json, so tools written against the original
+    checkpoints read it (llama.cpp's convert_hf_to_gguf.py reads ``n_ctx``, which transformers no longer writes)."""
+    from hf_gpt2_train.model import hf_config
+
+    cfg = hf_config(mcfg, padded=False)
+    cfg.use_cache = True  # training turns the KV cache off; generation from the export wants it
+    cfg.architectures = ["GPT2LMHeadModel"]
+    cfg.n_ctx = mcfg.n_positions
+    cfg.task_specific_params = {"text-generation": {"do_sample": True, "max_length": min(50, mcfg.n_positions)}}
+    return cfg
+
+
 def _build_hf_model(state: dict, mcfg: ModelConfig) -> GPT2LMHeadModel:
     """A stock GPT2LMHeadModel holding ``state`` (HF layout), built without a throw-away random init."""
     import torch
     from transformers import GenerationConfig, GPT2LMHeadModel
 
-    from hf_gpt2_train.model import hf_config
-
-    cfg = hf_config(mcfg, padded=False)
-    cfg.use_cache = True  # training turns the KV cache off; generation from the export wants it
+    cfg = export_config(mcfg)
     with torch.device("meta"):
         model = GPT2LMHeadModel(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -171,11 +183,7 @@ def _finish_files(root: Path) -> None:
     for p in root.iterdir():
         p.chmod(0o666 & ~umask)
     for p in [*root.iterdir(), root]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(p)
 
 
 def export_hf(checkpoint: Path, out_dir: Path, tokenizer_file: str = "", *, license: str = "mit",
@@ -187,7 +195,8 @@ def export_hf(checkpoint: Path, out_dir: Path, tokenizer_file: str = "", *, lice
     loading snippet of the model card (default: the export folder's path).
     """
     from hf_gpt2_train.data.tokenizer import get_encoding
-    from hf_gpt2_train.hub.card import collect_run_record, plot_loss_curve, render_model_card
+    from hf_gpt2_train.hub.card import collect_run_record, render_model_card
+    from hf_gpt2_train.hub.loss_plot import plot_loss_curve
     from hf_gpt2_train.hub.tokenizer import save_hf_tokenizer
     from hf_gpt2_train.model import load_trained_model, to_hf_state_dict
 
@@ -218,11 +227,12 @@ def export_hf(checkpoint: Path, out_dir: Path, tokenizer_file: str = "", *, lice
         repo_ref = repo_id or str(out_dir)
         card = render_model_card(rec, repo_ref=repo_ref, license=license, n_params=n_params, has_curve=has_curve,
                                  title=repo_id.split("/")[-1] if repo_id else "")
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        (tmp / "README.md").write_text(redact_secrets(card), encoding="utf-8")
         _finish_files(tmp)
         if out_dir.exists():  # an earlier export (checked above) or an empty folder: swap, then delete it
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)  # the rename itself is durable
     except OSError as e:
         if old.exists() and not out_dir.exists():
             os.replace(old, out_dir)  # the swap failed half way: put the earlier export back

@@ -38,24 +38,22 @@ MIRROR_DIR = ".hub-mirror"
 LAST_CHECKPOINT = "last-checkpoint"
 PATH_KEYS = {"output_dir", "data_dir", "tokenizer_file", "hellaswag_path", "resume_from_checkpoint", "resumed_from",
              "path", "logging_dir", "project_dir"}
-SECRET_KEYS = {"hub_token", "token", "wandb_api_key"}
 
 
 def public_manifest(manifest: Any) -> Any:
-    """``manifest`` with every local path reduced to its last component and every secret blanked."""
-    if isinstance(manifest, dict):
-        out = {}
-        for k, v in manifest.items():
-            if k in SECRET_KEYS and v:
-                out[k] = ""
-            elif isinstance(v, str) and v and (k in PATH_KEYS or os.path.isabs(v)):
-                out[k] = Path(v).name
-            else:
-                out[k] = public_manifest(v)
-        return out
-    if isinstance(manifest, list):
-        return [public_manifest(v) for v in manifest]
-    return manifest
+    """``manifest`` with its secrets redacted (``redact.py``) and every local path reduced to its last component."""
+    from hf_gpt2_train.redact import redact_secrets
+
+    return _paths_to_names(redact_secrets(manifest))
+
+
+def _paths_to_names(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: Path(v).name if isinstance(v, str) and v and (k in PATH_KEYS or os.path.isabs(v))
+                else _paths_to_names(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_paths_to_names(v) for v in obj]
+    return obj
 
 
 @dataclass
