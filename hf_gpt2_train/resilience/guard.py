@@ -132,8 +132,8 @@ class UpdateGuard:
             nonfinite, overflow = ~finite[0], scaler_overflow.reshape(()).to(self.device) > 0
         mean, std = self.window.mean(dim=1), self.window.std(dim=1)
         # A floor on the spread: a window of near-identical values must not turn rounding noise into outliers.
-        z = (values - mean) / torch.maximum(std, 1e-3 * mean.abs() + 1e-12)
         ready = self.accepted >= self.window.shape[1]
+        z = torch.where(ready, (values - mean) / torch.maximum(std, 1e-3 * mean.abs() + 1e-12), torch.nan)
         high = ready & finite.all() & ~overflow & (z > self.thresholds)
         outlier = high.any() if self.outliers_on else torch.zeros_like(ready)
         skip = nonfinite | outlier
@@ -206,10 +206,6 @@ class UpdateGuard:
             log.warning("update guard: skipped %d update(s): step %s", len(skipped),
                         ", ".join(r.describe() for r in skipped[:12]) + (", ..." if len(skipped) > 12 else ""))
         return report
-
-    def discard_pending(self) -> None:
-        """Forget recorded steps that will not be logged (a rollback abandons them)."""
-        self._pending.clear()
 
     # ------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ or at once when it has lasted ``STRETCH_CAP`` times as long. Rolling back means,
 3. tell the loader to never read the global sequences the stretch read (``TrainLoader.skip``); the range
    and the event go into the loader state and ``TrainerState.rollbacks``, and ``latest`` is saved at once,
    so a crash or a later resume never replays that data;
-4. log the event to train.log and the trackers (``train/rollbacks``, text ``events/rollback``).
+4. log the event to train.log and the trackers (``train/rollbacks``, text ``events/rollback``, at the step
+   the run continues from).
 
 At most ``max_rollbacks`` per run (the count lives in the trainer state, so it survives resumes); a stretch
 after that stops the run with SpikeRollbackError (exit code 4). Decisions are taken at logging steps from
@@ -139,7 +140,9 @@ class SpikeRollback:
                 f"tokens{self._token_range(first, end)})")
         log.warning(text)
         if tracker is not None:
-            tracker.log(at_step, {"train/rollbacks": len(done) + 1, "events/rollback": text})
+            # At the step the run continues from: where the new history starts, and a point that a later resume
+            # from this checkpoint keeps (resumes purge the curves after their step).
+            tracker.log(self.state.step, {"train/rollbacks": len(done) + 1, "events/rollback": text})
             bar = getattr(tracker, "bar", None)
             if bar is not None:
                 bar.n = self.state.step
