@@ -31,14 +31,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(out: Path, log: Path, *extra: str, **over: object) -> subprocess.Popen:
+def torchrun(out: Path, log: Path, *extra: str, env: dict[str, str] | None = None, **over: object
+             ) -> subprocess.Popen:
+    """``torchrun --nproc_per_node 2 EXTRA -m hf_gpt2_train train`` on gloo; a random free --master_port unless
+    EXTRA chooses the rendezvous (--standalone)."""
+    if "--standalone" not in extra:
+        extra = ("--master_port", str(free_port()), *extra)
     args = ["train", "--output_dir", str(out)]
     for k, v in {**SMALL, **over}.items():
         args += [f"--{k}", str(v)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     f = open(log, "w")  # noqa: SIM115 - the child owns it for its lifetime
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), *extra, "-m", "hf_gpt2_train", *args],
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *extra,
+                             "-m", "hf_gpt2_train", *args],
                             stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
@@ -90,11 +95,13 @@ def kill_tree(proc: subprocess.Popen, known: list[psutil.Process]) -> None:
 def test_sigstopped_rank_ends_the_run_within_the_hang_timeout_with_stacks(tmp_path: Path) -> None:
     """One rank of a 2-process run stops (SIGSTOP: alive, silent, as a rank stuck in a driver). The other waits
     in a collective; its watchdog dumps its threads' stacks and exits with code 5 within the timeout, and
-    torchrun ends the run (it SIGKILLs the stopped rank after its 30 s shutdown grace): all within the
-    timeout plus one minute. The collective timeout in effect is the configured one."""
+    torchrun ends the run (it SIGKILLs the stopped rank after its shutdown grace): all within the timeout
+    plus one minute. The collective timeout in effect is the configured one."""
     out, log = tmp_path / "run", tmp_path / "torchrun.log"
     timeout_min = 0.25
-    proc = torchrun(out, log, max_steps=100_000, hang_timeout_minutes=timeout_min, collective_timeout_minutes=30)
+    # --shutdown_timeout 5: torchrun SIGKILLs the stopped rank 5 s after the live one exits (default 30 s).
+    proc = torchrun(out, log, "--shutdown_timeout", "5", max_steps=100_000, hang_timeout_minutes=timeout_min,
+                    collective_timeout_minutes=30)
     ranks: dict[int, psutil.Process] = {}
     try:
         wait_for(lambda: len(logged_steps(out)) >= 2, proc, 300, "two logged steps")
@@ -119,14 +126,20 @@ def test_sigstopped_rank_ends_the_run_within_the_hang_timeout_with_stacks(tmp_pa
 
 @pytest.mark.slow
 def test_torchrun_max_restarts_restarts_a_killed_worker_and_finishes(tmp_path: Path) -> None:
-    """README's unattended run: torchrun --max_restarts 2 with --resume_from_checkpoint auto. A worker killed
-    by kill -9 after the first checkpoints makes torchrun restart both processes; they resume from the latest
-    checkpoint and the run finishes with exit 0 and every step logged."""
+    """README's unattended run: torchrun --standalone --max_restarts 2 with --resume_from_checkpoint auto. A
+    worker killed by kill -9 after the first checkpoints makes torchrun restart both processes; they resume from
+    the latest checkpoint and the run finishes with exit 0 and every step logged.
+
+    As README says: --standalone (c10d rendezvous) with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1. Without that
+    variable torch 2.13 lets the workers share the launcher's store across restarts (static rendezvous always
+    does), and the restarted processes can read the previous attempt's addresses: 2 of 5 tries here failed
+    with "Gloo connectFullMesh failed ... Connection refused" (pytorch/pytorch#135712); 0 of 4 with it."""
     out, log = tmp_path / "run", tmp_path / "torchrun.log"
     # Trackers off: with them, Accelerate 1.15's end_training() destroys the process group before the trainer's
     # final barrier, so a multi-process run that reaches its end exits 1 (issue 9's end-of-run ordering, fixed
     # in its own branch); this test is about the restart, not about that.
-    proc = torchrun(out, log, "--max_restarts", "2", max_steps=10, checkpoint_steps=2, eval_steps=0,
+    proc = torchrun(out, log, "--standalone", "--max_restarts", "2", env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+                    max_steps=10, checkpoint_steps=2, eval_steps=0,
                     resume_from_checkpoint="auto", report_to="none")
     try:
         wait_for(lambda: (out / "checkpoints" / "step_0000004" / "manifest.json").exists(), proc, 300,
