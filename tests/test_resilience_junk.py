@@ -13,7 +13,8 @@ bitwise, see test_checkpoint_e2e.py), which saves 160 steps of CPU time. The cle
 junk at its very end, never read in 120 steps, so that both corpora have the same number of training tokens.
 
 The defended run is also the rollback-then-crash test: it is killed with kill -9 just after its rollback and
-resumed with ``--resume_from_checkpoint auto``; the skipped data must stay skipped.
+resumed with ``--resume_from_checkpoint auto``; the skipped data must stay skipped. A fourth run from the
+same prefix allows no rollback (``--max_rollbacks 0``) and must stop with exit code 4 and one line.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tests.conftest import run_cli
 from tests.junk_corpus import write_corpus
+from tests.test_resilience_e2e import wait_for
 
 STEPS, JUNK_AT, TOKENS_PER_STEP, JUNK_TOKENS = 120, 81, 512, 13_000
 # HellaSwag is off (not under test, and it would only add scoring time); trackers and defences are defaults.
@@ -51,22 +53,12 @@ def val_loss(out: Path) -> float:
     return [r for r in rows if r["step"] == STEPS][-1]["eval/val_loss"]
 
 
-def wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 1200) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run exited ({proc.returncode}) while waiting for {what}")
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def text(p: Path) -> str:
     return p.read_text() if p.exists() else ""
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("junk")
     junk = prepare(write_corpus(root / "junk" / "docs.jsonl", shared_data, JUNK_AT, TOKENS_PER_STEP, JUNK_TOKENS))
     clean = prepare(write_corpus(root / "clean" / "docs.jsonl", shared_data, None, TOKENS_PER_STEP, JUNK_TOKENS,
@@ -91,18 +83,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[st
             if proc.poll() is None:
                 proc.kill()
     run_cli(*args, check=True)  # the resume: auto finds the latest checkpoint
-    out = {"defended": defended, "junk_data": junk}
+    out: dict[str, Any] = {"defended": defended, "junk_data": junk}
     for name, data, extra in (("clean", clean, []),
                               ("undefended", junk, ["--skip_outlier_updates", "false", "--rollback_after", "0"])):
         out[name] = root / name
         run_cli("train", *RECIPE, "--data_dir", str(data), "--output_dir", str(out[name]), "--resume_from_checkpoint",
                 str(prefix), *extra, check=True)
+    # No rollback allowed: the same stretch stops the run (it ends at step 110, where the rollback would be).
+    out["limited"] = root / "limited"
+    out["limited_proc"] = run_cli("train", *RECIPE, "--data_dir", str(junk), "--output_dir", str(out["limited"]),
+                                  "--resume_from_checkpoint", str(prefix), "--max_rollbacks", "0")
     return out
 
 
 @pytest.mark.slow
-def test_junk_stretch_with_default_defences_ends_as_good_as_clean_data(runs: dict[str, Path]) -> None:
+def test_junk_stretch_with_default_defences_ends_as_good_as_clean_data(runs: dict[str, Any]) -> None:
     clean, defended, undefended = (val_loss(runs[k]) for k in ("clean", "defended", "undefended"))
+    print(f"val_loss @ {STEPS}: clean {clean:.4f}, defaults {defended:.4f}, defences off {undefended:.4f}")
     assert undefended - clean > 0.08, (clean, defended, undefended)  # the junk does damage: the test can fail
     assert abs(defended - clean) < 0.08, (clean, defended, undefended)
     for name in ("clean", "undefended"):  # clean data: the defaults change nothing (no skip, no rollback)
@@ -111,7 +108,7 @@ def test_junk_stretch_with_default_defences_ends_as_good_as_clean_data(runs: dic
 
 
 @pytest.mark.slow
-def test_skipped_steps_and_the_rollback_are_reported(runs: dict[str, Path]) -> None:
+def test_skipped_steps_and_the_rollback_are_reported(runs: dict[str, Any]) -> None:
     log = (runs["defended"] / "train.log").read_text()
     skipped = [int(s) for line in log.splitlines() if "update guard: skipped" in line
                for s in re.findall(r"(?:^|, )(\d+) \(", line.split(": step ", 1)[1])]
@@ -132,7 +129,7 @@ def test_skipped_steps_and_the_rollback_are_reported(runs: dict[str, Path]) -> N
 
 
 @pytest.mark.slow
-def test_rollback_then_kill_9_then_resume_keeps_the_bad_data_skipped(runs: dict[str, Path]) -> None:
+def test_rollback_then_kill_9_then_resume_keeps_the_bad_data_skipped(runs: dict[str, Any]) -> None:
     out = runs["defended"]
     log = (out / "train.log").read_text()
     after_resume = log.rsplit("resumed from", 1)[1]
@@ -146,3 +143,14 @@ def test_rollback_then_kill_9_then_resume_keeps_the_bad_data_skipped(runs: dict[
     seq_len = 64
     assert first * seq_len in ((JUNK_AT - 1) * TOKENS_PER_STEP, JUNK_AT * TOKENS_PER_STEP)  # the first bad step ...
     assert abs((end - first) * seq_len - JUNK_TOKENS) <= 2 * TOKENS_PER_STEP  # ... over the junk
+
+
+@pytest.mark.slow
+def test_a_spike_beyond_max_rollbacks_stops_with_one_line(runs: dict[str, Any]) -> None:
+    from hf_gpt2_train.errors import EXIT_SPIKE
+
+    proc = runs["limited_proc"]
+    assert proc.returncode == EXIT_SPIKE, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("hf-gpt2-train:")]
+    assert len(lines) == 1 and "after 0 rollback(s), the limit (--max_rollbacks 0)" in lines[0], proc.stderr[-3000:]
+    assert "raise --max_rollbacks" in lines[0] and "Traceback" not in proc.stderr
