@@ -295,6 +295,12 @@ class CheckpointManager:
         except OSError as e:
             logger.warning("could not keep a copy of the resumed checkpoint as %s (%s); rotation may delete it", name, e)
 
+    def wait(self) -> None:
+        """Block until no save is in flight (called before an in-process rollback loads a checkpoint).
+
+        Saves are synchronous today, so there is nothing to wait for; an asynchronous save must finish here.
+        """
+
     # -------------------------------------------------------------------------------------------- save
     def maybe_save(self, state: TrainerState, *, val_loss: float | None = None, epoch_ended: bool = False,
                    final: bool = False, force_latest: bool = False) -> Path | None:

@@ -111,8 +111,6 @@ class UpdateGuard:
         self.outliers_on = cfg.skip_outlier_updates
         self._buffer = torch.zeros(max(1, capacity), 5, device=device)
         self._pending: list[tuple[int, tuple[int, int]]] = []
-        self.total_skipped = 0
-        """Updates skipped by the guard in this process (the logged counts add up to it)."""
 
     # ------------------------------------------------------------------------------------ every step
     def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, step: int, data: tuple[int, int],
@@ -131,8 +129,8 @@ class UpdateGuard:
         else:  # inf/NaN gradients are the scaler's business; a non-finite loss is not
             nonfinite, overflow = ~finite[0], scaler_overflow.reshape(()).to(self.device) > 0
         mean, std = self.window.mean(dim=1), self.window.std(dim=1)
-        # A floor on the spread: a window of near-identical values must not turn rounding noise into outliers.
         ready = self.accepted >= self.window.shape[1]
+        # A floor on the spread: a window of near-identical values must not turn rounding noise into outliers.
         z = torch.where(ready, (values - mean) / torch.maximum(std, 1e-3 * mean.abs() + 1e-12), torch.nan)
         high = ready & finite.all() & ~overflow & (z > self.thresholds)
         outlier = high.any() if self.outliers_on else torch.zeros_like(ready)
@@ -202,7 +200,6 @@ class UpdateGuard:
                 raise NonFiniteLossError(f"{msg}: lower --learning_rate, check the data, or pass --on_nonfinite skip")
         skipped = report.skipped
         if skipped:
-            self.total_skipped += len(skipped)
             log.warning("update guard: skipped %d update(s): step %s", len(skipped),
                         ", ".join(r.describe() for r in skipped[:12]) + (", ..." if len(skipped) > 12 else ""))
         return report

@@ -106,9 +106,7 @@ class SpikeRollback:
                 f"loss spike at {stretch.describe()} after {len(done)} rollback(s), the limit (--max_rollbacks "
                 f"{self.cfg.max_rollbacks}): check the training data around global sequences {stretch.data[0]:,}-"
                 f"{stretch.data[1]:,}, lower --learning_rate, or raise --max_rollbacks")
-        wait = getattr(self.checkpoints, "wait", None)
-        if wait is not None:
-            wait()  # an in-flight save must be complete before we choose and load one
+        self.checkpoints.wait()  # an in-flight save must be complete before we choose and load one
         candidates = broadcast_from_main(self._candidates(stretch.first.step) if self.checkpoints.is_main else [])
         if not candidates:
             log.warning("spike at %s: no checkpoint from before step %d to roll back to; continuing (the guard "
