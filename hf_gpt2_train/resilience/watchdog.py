@@ -112,7 +112,10 @@ class HangWatchdog:
         self._last, self._step = now, step
         if self.enabled and now - self._backstop_armed_at > self.timeout_s() / 4:
             # The C-level backstop needs no GIL; re-armed every quarter timeout (it starts a thread).
-            faulthandler.dump_traceback_later(2 * self.timeout_s(), exit=True, file=sys.stderr)
+            try:
+                faulthandler.dump_traceback_later(2 * self.timeout_s(), exit=True, file=sys.stderr)
+            except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor: no backstop
+                pass
             self._backstop_armed_at = now
 
     def timeout_s(self) -> float:
@@ -147,14 +150,17 @@ class HangWatchdog:
         except OSError as e:
             path = Path(f"<not written: {e}>")
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        log.error("hang watchdog: no training step completed for %.0f s after step %d (timeout %.0f s); stacks of "
-                  "every thread in %s; exiting with code %d so a supervisor restarts the run (resume with "
-                  "--resume_from_checkpoint auto)", waited, self._step, timeout, path, EXIT_HANG)
-        for h in [*log.handlers, *logging.getLogger().handlers]:
-            try:
+        def say() -> None:
+            log.error("hang watchdog: no training step completed for %.0f s after step %d (timeout %.0f s); stacks "
+                      "of every thread in %s; exiting with code %d so a supervisor restarts the run (resume with "
+                      "--resume_from_checkpoint auto)", waited, self._step, timeout, path, EXIT_HANG)
+            for h in [*log.handlers, *logging.getLogger().handlers]:
                 h.flush()
-            except Exception:  # noqa: BLE001 - exiting anyway
-                pass
-        sys.stdout.flush()
-        sys.stderr.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+
+        # The hung thread may hold a logging lock or sit in a write to a full pipe: never wait long to say it.
+        speaker = threading.Thread(target=say, name="hang-watchdog-log", daemon=True)
+        speaker.start()
+        speaker.join(timeout=10)
         os._exit(EXIT_HANG)
