@@ -141,7 +141,13 @@ def _is_main_process() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hf_gpt2_train.errors import CheckpointSaveError, NonFiniteLossError
+    from hf_gpt2_train.errors import (
+        EXIT_NONFINITE,
+        EXIT_SPIKE,
+        CheckpointSaveError,
+        NonFiniteLossError,
+        SpikeRollbackError,
+    )
 
     args = build_parser(argv).parse_args(argv)
     try:
@@ -152,7 +158,10 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except NonFiniteLossError as e:
         print(f"hf-gpt2-train: training stopped: {e}", file=sys.stderr)
-        code = 3
+        code = EXIT_NONFINITE
+    except SpikeRollbackError as e:
+        print(f"hf-gpt2-train: training stopped: {e}", file=sys.stderr)
+        code = EXIT_SPIKE
     except CheckpointSaveError as e:
         print(f"hf-gpt2-train: checkpoint not saved (earlier checkpoints are intact): {e}", file=sys.stderr)
         code = 1

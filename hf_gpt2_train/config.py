@@ -183,6 +183,28 @@ class HubConfig:
     """With --push_to_hub, what is pushed while training (transformers Trainer's meanings): 'end' (only the final export), 'every_save' (the export at each save), 'checkpoint' (also the latest checkpoint in last-checkpoint/, to resume from), 'all_checkpoints' (every checkpoint in its own folder). Uploads run in the background."""
 
 
+@dataclass
+class ResilienceConfig:
+    skip_outlier_updates: bool = True
+    """Skip an update whose loss or grad norm is an outlier (z-score against the last outlier_window accepted updates above loss_z_threshold/grad_norm_z_threshold), on the device like a non-finite one; inactive until the window is full."""
+    outlier_window: int = 64
+    """Updates in the running window of the outlier z-scores (skipped updates stay out of it)."""
+    loss_z_threshold: float = 5.0
+    """Loss z-score above which the update is skipped (docs/resilience.md: how it was chosen)."""
+    grad_norm_z_threshold: float = 8.0
+    """Grad-norm z-score above which the update is skipped (grad norms are heavier-tailed than the loss)."""
+    spike_z_threshold: float = 3.0
+    """A step whose loss z-score is above this counts toward a sustained spike even when its update is applied."""
+    rollback_after: int = 10
+    """This many consecutive spiking or skipped steps roll back, once the stretch ends (or has lasted 4x as long), to the newest checkpoint before it, skipping the data it read (0: never roll back)."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed per run; a spike after that stops the run (exit code 4)."""
+    hang_timeout_minutes: float = 0.0
+    """No step completed for this long: every process dumps its threads' stacks to OUTPUT_DIR/hang/ and exits with code 5. 0: the larger of 30 min, 20x the median step and 1.5x the slowest step/eval/save seen; negative: off."""
+    collective_timeout_minutes: float = 60.0
+    """Timeout of every collective operation (init_process_group); must exceed the longest save, eval or end-of-run push."""
+
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "model": ModelConfig,
@@ -193,6 +215,7 @@ SECTIONS: dict[str, type] = {
     "tracking": TrackingConfig,
     "eval": EvalConfig,
     "hub": HubConfig,
+    "resilience": ResilienceConfig,
 }
 
 
@@ -207,6 +230,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     preset: str = ""
 
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
@@ -282,6 +306,18 @@ class Config:
             p.append(f"fp8_backend must be auto/te/ao, not {self.precision.fp8_backend!r}")
         if self.checkpoint.keep_last < 1:
             p.append("keep_last must be >= 1")
+        r = self.resilience
+        if r.outlier_window < 8:
+            p.append(f"outlier_window must be >= 8 (a z-score needs a spread), not {r.outlier_window}")
+        if min(r.loss_z_threshold, r.grad_norm_z_threshold, r.spike_z_threshold) <= 0:
+            p.append("loss_z_threshold, grad_norm_z_threshold and spike_z_threshold must be > 0")
+        if r.rollback_after < 0 or r.max_rollbacks < 0:
+            p.append("rollback_after and max_rollbacks must be >= 0 (0 turns rollbacks off)")
+        if r.collective_timeout_minutes <= 0:
+            p.append("collective_timeout_minutes must be > 0")
+        elif r.hang_timeout_minutes >= r.collective_timeout_minutes:
+            p.append(f"hang_timeout_minutes {r.hang_timeout_minutes:g} must be shorter than collective_timeout_minutes "
+                     f"{r.collective_timeout_minutes:g}, or a hung collective fails before the watchdog dumps stacks")
         if self.hub.push_to_hub and not self.hub.hub_model_id:
             p.append("--push_to_hub needs --hub_model_id USER/NAME")
         if self.hub.hub_strategy not in ("end", "every_save", "checkpoint", "all_checkpoints"):

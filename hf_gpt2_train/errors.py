@@ -1,10 +1,24 @@
-"""Errors the CLI turns into one line and an exit code (kept free of heavy imports)."""
+"""Errors the CLI turns into one line and an exit code (kept free of heavy imports).
+
+Exit codes of ``hf-gpt2-train train``: 0 done (or stopped by a signal after saving ``latest``); 1 a checkpoint
+could not be saved or the end-of-run push failed; 2 bad input; 3 non-finite loss with ``--on_nonfinite stop``;
+4 a loss spike persisted after ``--max_rollbacks`` rollbacks; 5 the hang watchdog found no step completing
+within ``--hang_timeout_minutes`` (stacks in OUTPUT_DIR/hang/); 130 a second SIGINT.
+"""
 
 from hf_gpt2_train.config import ConfigError
+
+EXIT_NONFINITE = 3
+EXIT_SPIKE = 4
+EXIT_HANG = 5
 
 
 class NonFiniteLossError(RuntimeError):
     """A non-finite loss/grad norm with --on_nonfinite stop (the update itself was skipped): exit 3."""
+
+
+class SpikeRollbackError(RuntimeError):
+    """A sustained loss spike after the allowed rollbacks (--max_rollbacks): exit 4."""
 
 
 class CheckpointSaveError(RuntimeError):
@@ -14,4 +28,5 @@ class CheckpointSaveError(RuntimeError):
     """
 
 
-__all__ = ["CheckpointSaveError", "ConfigError", "NonFiniteLossError"]
+__all__ = ["EXIT_HANG", "EXIT_NONFINITE", "EXIT_SPIKE", "CheckpointSaveError", "ConfigError", "NonFiniteLossError",
+           "SpikeRollbackError"]

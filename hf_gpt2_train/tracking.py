@@ -178,6 +178,10 @@ class StepTimer:
         self.t, self.step = now, step
         return dt, n
 
+    def restart(self, step: int) -> None:
+        """Start a new interval at ``step`` (after an in-process rollback moved the step counter back)."""
+        self.t, self.step, self.start_step, self.paused_total = time.perf_counter(), step, step, 0.0
+
     def overhead_per_step(self, step: int) -> float:
         """Seconds of eval/checkpoint time per training step so far in this process (the ETA adds it)."""
         return self.paused_total / max(1, step - self.start_step)

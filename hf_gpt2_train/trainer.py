@@ -2,7 +2,7 @@
 
 Each component decides when it runs: the tracker logs every ``logging_steps``, the evaluator every
 ``eval_steps``, the checkpoint manager saves the tiers that are due. Only logging steps synchronise the
-host with the device (loss, grad norm and the non-finite counter stay on the device otherwise).
+host with the device (loss, grad norm and the update guard's records stay on the device otherwise).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
+from torch.distributed.tensor import DTensor
 
 from hf_gpt2_train.config import Config
-from hf_gpt2_train.errors import NonFiniteLossError
 from hf_gpt2_train.fsio import write_json_atomic
 from hf_gpt2_train.model import build_model, flops_per_token, setup_training_forward
 from hf_gpt2_train.outdir import check_output_dir
@@ -83,7 +83,12 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.output_dir = Path(cfg.run.output_dir)
-        dist = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"))
+        from hf_gpt2_train.resilience import Resilience, collective_kwargs
+
+        # The process group is created here, first: its collective timeout must be set now (resilience).
+        self.pg_kwargs = collective_kwargs(cfg.resilience)
+        dist = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"),
+                            **self.pg_kwargs.to_kwargs())
         micro_batch_note = cfg.fit_micro_batch(dist.num_processes)  # presets run on any number of processes
         cfg.validate(world_size=dist.num_processes)
 
@@ -107,8 +112,10 @@ class Trainer:
 
         self.plan = plan_precision(cfg.precision, dist.device.type)
         self.accum = cfg.grad_accum_steps(dist.num_processes)
+        accelerator_kwargs = self.plan.accelerator_kwargs()
+        accelerator_kwargs["kwargs_handlers"] = [*accelerator_kwargs["kwargs_handlers"], self.pg_kwargs]
         self.accelerator = Accelerator(
-            **self.plan.accelerator_kwargs(),
+            **accelerator_kwargs,
             gradient_accumulation_steps=self.accum,
             log_with=log_with(cfg.tracking.report_to),
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
@@ -163,7 +170,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, o.seq_len)
         peak = peak_tflops(self.plan.effective, self.run_info["device"], cfg.run.device_peak_tflops)
         self.peak_flops = (peak or 0.0) * 1e12  # unknown device: no MFU rather than a made-up one
-        self.nonfinite_steps = torch.zeros((), device=acc.device)
+        self.resilience = Resilience(cfg, acc, self.state, self.train_loader, self.checkpoints, self.output_dir)
 
     # ---------------------------------------------------------------------------------------- one step
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -173,6 +180,7 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=acc.device)
+        first_sequence = self.train_loader.position
         for _ in range(self.accum):
             x, y = (t.to(acc.device, non_blocking=True) for t in self.train_loader.next_batch())  # pinned on CUDA
             with acc.accumulate(model):  # no gradient all-reduce on non-final micro-steps
@@ -182,14 +190,14 @@ class Trainer:
         loss = loss_sum / self.accum
         max_norm = self.cfg.optim.max_grad_norm or math.inf
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor; unwrapping it needs no communication
+        if isinstance(grad_norm, DTensor):  # FSDP2: a replicated DTensor; no communication to materialise it
             grad_norm = grad_norm.full_tensor()
-        # A non-finite step is skipped on the device by fused AdamW (no host sync): weights stay finite.
-        found_inf = (~torch.isfinite(loss) | ~torch.isfinite(grad_norm)).float()
-        self.nonfinite_steps += found_inf
-        if acc.scaler is None:
-            opt.optimizer.found_inf = found_inf
-        opt.step()
+        # A non-finite or outlier step is skipped on the device by fused AdamW (no host sync).
+        guard = self.resilience.guard
+        skip = guard.check(loss, grad_norm, self.state.step + 1, (first_sequence, self.train_loader.position),
+                           guard.scaler_overflow(acc.scaler, opt))
+        with guard.applied_to(opt, skip, acc.scaler):
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return loss, grad_norm, lr
 
@@ -211,7 +219,7 @@ class Trainer:
                           state.tokens_seen, cfg.optim.total_batch_size)
         timer, started, wall0 = tracker.timer, time.time(), state.wall_time
         stopped_by_signal = False
-        with self.shutdown, tracker.bar_closed_on_error():
+        with self.shutdown, tracker.bar_closed_on_error(), self.resilience.watchdog:
             while state.step < cfg.optim.max_steps:
                 loss, grad_norm, lr = self.train_step()
                 state.step += 1
@@ -222,6 +230,9 @@ class Trainer:
                 tracker.advance()
                 if state.step % cfg.tracking.logging_steps == 0 or final:
                     self._log_train(tracker, timer, loss, grad_norm, lr)
+                    if self.resilience.maybe_roll_back(tracker):  # a spike: continue from an earlier checkpoint
+                        timer.restart(state.step)
+                        continue
                 val_loss = None
                 if self.evaluator.due(state.step, final):
                     with timer.paused("eval"):  # eval and save time stay out of tokens/s, MFU and ETA
@@ -237,6 +248,7 @@ class Trainer:
                     tracker.log_checkpoint(state.step)
                 if stopped_by_signal:
                     break
+                self.resilience.watchdog.beat(state.step)
         tracker.finish()
         if stopped_by_signal:
             from hf_gpt2_train.checkpoint import resume_command_hint
@@ -256,25 +268,18 @@ class Trainer:
         return code
 
     def _log_train(self, tracker: Tracker, timer: StepTimer, loss, grad_norm, lr: float) -> None:
-        """The only place the loop waits for the device: reduce, read, check finiteness, log."""
+        """The only place the loop waits for the device: reduce, read, check the guard's records, log."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
         loss_mean = acc.reduce(loss.detach().clone(), reduction="mean").item()
-        nonfinite = int(self.nonfinite_steps.item())
+        guard_metrics = self.resilience.collect()  # raises NonFiniteLossError with --on_nonfinite stop
         step_time, _ = timer.lap(state.step)
-        if nonfinite:
-            msg = (f"non-finite loss or grad norm in {nonfinite} step(s) up to step {state.step}; those updates "
-                   "were skipped, weights are from the last finite step")
-            if cfg.optim.on_nonfinite == "stop":
-                raise NonFiniteLossError(f"{msg}: lower --learning_rate, check the data, or pass --on_nonfinite skip")
-            log.warning(msg)
-            self.nonfinite_steps.zero_()
         tok_s = cfg.optim.total_batch_size / step_time
         metrics = {
             "train/loss": loss_mean, "train/lr": lr, "train/grad_norm": float(grad_norm),
             "perf/tokens_per_sec": tok_s, "perf/step_time_ms": 1000 * step_time,
             "time/elapsed_hours": state.wall_time / 3600,
             "time/eta_hours": (cfg.optim.max_steps - state.step) * (step_time + timer.overhead_per_step(state.step))
-            / 3600,
+            / 3600, **guard_metrics,
         }
         if self.peak_flops:
             metrics["perf/mfu"] = self.flops_per_token * tok_s / (self.peak_flops * acc.num_processes)

@@ -24,7 +24,15 @@ def cpu_group() -> Any:
     """The gloo group used for agreement (created once; a collective, so every rank reaches it together)."""
     global _group
     if _group is None:
-        _group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        if dist.get_backend() == "gloo":
+            _group = dist.group.WORLD
+        else:  # the same timeout as the training group (--collective_timeout_minutes), not gloo's default
+            from datetime import timedelta
+
+            from hf_gpt2_train.resilience.watchdog import collective_timeout_in_effect
+
+            seconds = collective_timeout_in_effect()
+            _group = dist.new_group(backend="gloo", timeout=timedelta(seconds=seconds) if seconds else None)
     return _group
 
 

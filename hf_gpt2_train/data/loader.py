@@ -20,6 +20,11 @@ An epoch ends in the middle of a batch when ``N`` is not a multiple of ``W*B``: 
 last windows of epoch ``e`` and the first of epoch ``e+1`` (so no window is dropped or repeated and the
 stream is the same for every world size). Hence a resume with another world size and the same global
 batch continues the exact same sequence of optimizer-step batches.
+
+**Skipped ranges.** After a spike rollback (resilience/rollback.py) the global sequences a bad stretch read,
+``[first, end)``, are never read again: when ``g`` reaches such a range it jumps to its end. The ranges are
+part of the loader's state, so a later resume skips them too. They are recorded at optimizer-step
+boundaries, which stay boundaries for any world size with the same global batch.
 """
 
 from __future__ import annotations
@@ -134,6 +139,30 @@ class TrainLoader:
         """Epoch of the next sequence to be read."""
         self.cursor = 0
         """Index (in epoch order) of the next sequence to be read, global over all ranks."""
+        self.skipped: list[tuple[int, int]] = []
+        """Global sequence ranges ``[first, end)`` never to be read (sorted, disjoint)."""
+
+    @property
+    def position(self) -> int:
+        """Global index of the next sequence to be read (``epoch * num_windows + cursor``)."""
+        return self.epoch * self.num_windows + self.cursor
+
+    def skip(self, ranges: list[tuple[int, int]]) -> None:
+        """Never read the global sequences in ``ranges`` (merged with those already skipped)."""
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted({(int(a), int(b)) for a, b in [*self.skipped, *ranges] if b > a}):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.skipped = merged
+        self._move_to(self.position)
+
+    def _move_to(self, g: int) -> None:
+        for a, b in self.skipped:
+            if a <= g < b:
+                g = b
+        self.epoch, self.cursor = divmod(g, self.num_windows)
 
     @property
     def tokens_per_epoch(self) -> int:
@@ -157,14 +186,14 @@ class TrainLoader:
         g = self.epoch * self.num_windows + self.cursor
         windows = self.window_indices(g + self.rank * b, b)
         tokens = self.stream.read(windows * self.seq_len, self.seq_len + 1)
-        self.epoch, self.cursor = divmod(g + self.world_size * b, self.num_windows)
+        self._move_to(g + self.world_size * b)
         return _to_xy(tokens, self.pin_memory)
 
     def state_dict(self) -> dict[str, Any]:
         """The global position (no rank or world size in it) plus what must match on resume."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
                 "shuffle": self.shuffle, "seq_len": self.seq_len, "num_windows": self.num_windows,
-                "train_tokens": self.stream.total}
+                "train_tokens": self.stream.total, "skipped": [list(r) for r in self.skipped]}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         """Continue the saved stream: position, seed and shuffle come from ``d`` (the saved order wins)."""
@@ -177,6 +206,8 @@ class TrainLoader:
                         d.get("seed"), d.get("shuffle"), self.seed, self.shuffle)
         self.epoch, self.cursor = int(d["epoch"]), int(d["cursor"])
         self.seed, self.shuffle = int(d["seed"]), bool(d["shuffle"])
+        self.skipped = []
+        self.skip([(int(a), int(b)) for a, b in d.get("skipped", [])])
 
 
 def val_batches(data_dir: Path, seq_len: int, micro_batch_size: int, n_batches: int, rank: int, world_size: int
