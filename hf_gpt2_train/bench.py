@@ -23,7 +23,6 @@ import datetime as dt
 import gc
 import json
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from hf_gpt2_train.precision import (
     precision_id,
     prepare_model_for_precision,
 )
+from hf_gpt2_train.tracking import cpu_model
 
 # --precisions names -> PrecisionConfig fields.
 PRECISION_SPECS: dict[str, dict[str, Any]] = {
@@ -160,16 +160,6 @@ def _segment(step_fn, static_fn, steps: int, device: torch.device, stats: LoopSt
         stats.peak_bytes.append(static + torch.cuda.max_memory_allocated(device) - before)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
-
-
 def _reset_accelerate() -> None:
     """Each precision builds its own Accelerator; Accelerate keeps process-wide state that refuses a second
     mixed precision, so drop it (the distributed PartialState stays). Dynamo's caches go too, or the
@@ -241,7 +231,7 @@ def bench_precision(base: Config, name: str, steps: int, warmup: int, repeats: i
             run_plain(plain_loop)
     tokens_per_step = cfg.optim.total_batch_size
     fpt = flops_per_token(cfg.model, cfg.optim.seq_len)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     peak = peak_tflops(plan.effective, device_name, cfg.run.device_peak_tflops)
     result: dict[str, Any] = {"requested": name, **info, **ours.summary(tokens_per_step, fpt, peak),
                               "plain": plain.summary(tokens_per_step, fpt, peak), "peak_tflops": peak,
@@ -280,7 +270,7 @@ def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repea
     device = detect_device_type()
     doc: dict[str, Any] = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"{_cpu_name()}, {torch.get_num_threads()} "
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} "
                   "threads",
         "preset": cfg.preset, "model": dict(vars(cfg.model)), "seq_len": cfg.optim.seq_len,
         "micro_batch_size": cfg.optim.per_device_train_batch_size, "tokens_per_step": cfg.optim.total_batch_size,

@@ -121,6 +121,9 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "runs")),
             step_scheduler_with_optimizer=False,
+            # We compile per GPT2Block ourselves (setup_training_forward); Accelerate's whole-model compile, which
+            # an accelerate config's dynamo_backend would turn on, runs SDPA with a mask and no flash kernel.
+            dynamo_backend="no",
         )
         acc = self.accelerator
         # The manager holds run_info by reference (filled below) and resolves the resume request before
@@ -141,7 +144,12 @@ class Trainer:
 
         set_seed(cfg.run.seed)  # same init on every rank
         model = prepare_model_for_precision(build_model(cfg.model), self.plan, cfg.precision)
-        use_compile = cfg.run.compile if cfg.run.compile is not None else acc.device.type == "cuda"
+        config_dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # `accelerate config` asked
+        use_compile = cfg.run.compile if cfg.run.compile is not None else (
+            acc.device.type == "cuda" or config_dynamo not in ("", "no"))
+        if config_dynamo not in ("", "no"):
+            log.info("the accelerate config's dynamo_backend %s: compiling each GPT2Block instead of the whole "
+                     "model (--compile %s)", config_dynamo, str(use_compile).lower())
         # In place, before prepare (DDP/FSDP wrap the compiled blocks); eval runs the same modules eagerly.
         setup_training_forward(model, use_compile, cfg.run.padded_logits, self.plan.compile_blocks)
         optimizer = build_optimizer(model, cfg, acc.device)

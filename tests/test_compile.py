@@ -130,3 +130,24 @@ def test_padded_rows_get_no_probability_mass():
     assert torch.allclose(losses[0], losses[1], atol=1e-6) and torch.allclose(grads[0], grads[1], atol=1e-6)
     everything = F.cross_entropy(model.lm_head(hidden).reshape(-1, SMALL.padded_vocab_size), y.reshape(-1))
     assert everything.item() > losses[0].item() + 1.0  # the check above could fail: the padded rows are not inert
+
+
+def test_an_accelerate_config_dynamo_backend_compiles_blocks_not_the_whole_model(tmp_path, monkeypatch,
+                                                                                fresh_dynamo):
+    """`accelerate config` with a dynamo_backend sets ACCELERATE_DYNAMO_BACKEND: Accelerate alone would then
+    torch.compile the whole model in prepare() (SDPA with a [B,1,T,T] mask, no flash). The trainer takes it as a
+    request for its own per-block compile instead. Only the Trainer is built (nothing is compiled yet)."""
+    from accelerate.utils import is_compiled_module
+
+    from hf_gpt2_train.config import build_config
+    from hf_gpt2_train.trainer import Trainer
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    cfg = build_config("quickstart", cli={"output_dir": str(tmp_path / "run"), "max_steps": 1, "val_batches": 1,
+                                          "report_to": "none"})  # in-process: no tracker threads left behind
+    trainer = Trainer(cfg)
+    assert not is_compiled_module(trainer.model)
+    blocks = trainer.accelerator.unwrap_model(trainer.model).transformer.h
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert trainer.run_info["compile"] is True
+    assert "dynamo_backend inductor: compiling each GPT2Block" in (tmp_path / "run" / "train.log").read_text()
