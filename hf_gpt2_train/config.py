@@ -138,7 +138,7 @@ class CheckpointConfig:
     resume_from_checkpoint: str | None = None
     """'latest', 'best', 'backup', 'auto' (latest if any, else fresh), 'hub' (the Hub repo's last-checkpoint/, needs --hub_model_id) or a checkpoint PATH."""
     verify_checkpoint: bool = True
-    """Verify sha256 of checkpoint files on load (sizes are always checked)."""
+    """Verify every checkpoint file's checksum (xxh3_128; sha256 in older checkpoints) on load, reading every byte in parallel with the load; sizes are always checked."""
     async_checkpoint: bool = True
     """Write checkpoints in a background thread: training pauses only to copy the state to host memory (one extra copy of weights + optimizer state in RAM)."""
 

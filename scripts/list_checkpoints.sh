@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # List a run's checkpoints: tier, step, tokens, val loss, size, age and whether each one is valid.
 #
-# Usage: scripts/list_checkpoints.sh [OUTPUT_DIR] [--sha256] [--json]
-#   OUTPUT_DIR defaults to ./out; --sha256 checks every file's hash (default: sizes only).
+# Usage: scripts/list_checkpoints.sh [OUTPUT_DIR] [--checksums] [--json]
+#   OUTPUT_DIR defaults to ./out; --checksums checks every file's checksum (default: sizes only).
 # To check one checkpoint in full: python -m hf_gpt2_train checkpoints verify PATH
 set -euo pipefail
 

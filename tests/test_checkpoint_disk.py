@@ -57,7 +57,7 @@ def _check_intact(out: Path, latest_step: int) -> None:
     root = out / "checkpoints"
     assert not [p.name for p in root.iterdir() if p.name.startswith((".tmp", ".new-"))], "half-written leftovers"
     for name in ("latest", "latest_backup", "step_0000002", "step_0000004"):
-        v = atomic.verify(root / name, sha256=True)
+        v = atomic.verify(root / name, hashes=True)
         assert v.ok, (name, v.reason)
     resumed = Harness(out)
     assert resumed.mgr.load(resumed.mgr.resolve_resume("latest"))["step"] == latest_step == resumed.state.step

@@ -75,12 +75,12 @@ def logged_steps(out: Path) -> int:
 
 
 def visible_checkpoints_valid(root: Path) -> list[str]:
-    """Every checkpoint folder a user can see verifies (sizes and sha256); returns their names."""
+    """Every checkpoint folder a user can see verifies (sizes and checksums); returns their names."""
     names = []
     for p in sorted(root.iterdir()) if root.is_dir() else []:
         if p.name.startswith(".") or not p.is_dir():
             continue
-        v = atomic.verify(p, sha256=True)
+        v = atomic.verify(p, hashes=True)
         assert v.ok, f"{p.name}: {v.reason}"
         names.append(p.name)
     return names
@@ -180,7 +180,7 @@ def test_sigterm_during_a_background_write_then_kill_9_rounds_then_the_printed_c
     assert "SIGTERM received" in text
     last_logged = max(losses(out))
     assert last_logged < 8 and manifest(root / "latest")["step"] == last_logged
-    assert not (root / ".tmp-save").exists() and visible_checkpoints_valid(root)  # sizes and sha256
+    assert not (root / ".tmp-save").exists() and visible_checkpoints_valid(root)  # sizes and checksums
     command = text.split("Resume with:")[1].strip().splitlines()[0]
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "hf_gpt2_train"] and argv[-2:] == ["--resume_from_checkpoint", "latest"]
@@ -235,18 +235,26 @@ def test_checkpoints_list_and_verify_commands(reference: Path, tmp_path: Path, c
     shutil.copytree(reference, copy)
     with open(copy / "checkpoints" / "step_0000006" / "optimizer.bin", "r+b") as f:
         f.seek(100)
-        f.write(b"\xff" * 16)  # same size, different bytes: only sha256 can tell
+        f.write(b"\xff" * 16)  # same size, different bytes: only the checksum can tell
     (copy / "checkpoints" / "latest_backup" / "random_states_0.pkl").unlink()
     code, listed, _ = cli(capsys, "checkpoints", "list", str(copy))
     assert re.search(r"latest_backup .* NO: random_states_0.pkl is missing", listed), listed
+    assert re.search(r"step_0000006 .* yes$", listed, re.M) and "add --checksums for a full check" in listed
+    for flag in ("--checksums", "--sha256"):  # --sha256: the old spelling, kept working
+        code, listed, _ = cli(capsys, "checkpoints", "list", str(copy), flag)
+        assert re.search(r"step_0000006 .* NO: optimizer.bin does not match its checksum", listed), listed
+        assert "validity checked by sizes and checksums" in listed
     code, out, _ = cli(capsys, "checkpoints", "verify", str(copy))
     assert code == 1
-    assert re.search(r"INVALID\s+\S+step_0000006: optimizer.bin has sha256", out), out
+    assert re.search(r"INVALID\s+\S+step_0000006: optimizer.bin does not match its checksum \(xxh3_128 ", out), out
     assert re.search(r"INVALID\s+\S+latest_backup: random_states_0.pkl is missing", out), out
-    assert re.search(r"OK\s+\S+/best  \(step \d, 5 files, sizes and sha256 match\)", out), out
+    assert re.search(r"OK\s+\S+/best  \(step \d, 5 files, sizes and checksums match\)", out), out
     assert out.count("OK ") == 6 and "2 of 8 checkpoint(s) invalid" in out
     code, out, _ = cli(capsys, "checkpoints", "verify", str(copy / "checkpoints" / "final"))
     assert code == 0 and out.startswith("OK")
+    for flag in ("--no_checksums", "--no_sha256"):  # sizes only: the flipped bytes pass; --no_sha256: old spelling
+        code, out, _ = cli(capsys, "checkpoints", "verify", flag, str(copy / "checkpoints" / "step_0000006"))
+        assert code == 0 and "sizes match" in out, out
     code, out, err = cli(capsys, "checkpoints", "verify", str(tmp_path / "nope"))
     assert code == 2 and out == "" and len(err.splitlines()) == 1 and "does not exist" in err
 

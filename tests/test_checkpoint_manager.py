@@ -168,8 +168,8 @@ def test_damaged_latest_falls_back_to_backup(tmp_path: Path, kind: str, caplog: 
     assert r.mgr.load(path)["step"] == 4 and r.state.step == 4
 
 
-def test_same_size_corruption_is_caught_by_sha256_and_falls_back(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_same_size_corruption_is_caught_by_checksum_and_falls_back(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     h = Harness(tmp_path, checkpoint_steps=2, keep_last=1)
     h.steps(4)
     root = tmp_path / "checkpoints"
@@ -183,8 +183,8 @@ def test_same_size_corruption_is_caught_by_sha256_and_falls_back(tmp_path: Path,
     with caplog.at_level(logging.WARNING, logger="hf_gpt2_train.checkpoint"):
         manifest = r.mgr.load(path)
     assert manifest["path"] == str(root / "latest_backup") and r.state.step == 2
-    assert "sha256" in caplog.text and "falling back" in caplog.text
-    # With --no_verify_checkpoint the damaged file is loaded (the user asked for no sha256).
+    assert "does not match its checksum" in caplog.text and "falling back" in caplog.text
+    # With --no_verify_checkpoint the damaged file is loaded (the user asked for no checksums).
     r2 = Harness(tmp_path, verify_checkpoint=False)
     assert r2.mgr.load(r2.mgr.resolve_resume("latest"))["path"] == str(root / "latest")
 
@@ -284,7 +284,7 @@ def test_stop_save_with_a_write_in_flight_waits_for_it_and_is_durable(tmp_path: 
     assert not h.mgr.writer.busy  # nothing left in flight when maybe_save returns
     root = tmp_path / "checkpoints"
     for name, step in (("latest", 3), ("latest_backup", 2), ("step_0000002", 2)):
-        v = atomic.verify(root / name, sha256=True)
+        v = atomic.verify(root / name, hashes=True)
         assert v.ok and v.manifest["step"] == step, (name, v.reason)
 
 

@@ -64,7 +64,7 @@ def test_fsdp_trains_and_saves_full_and_sharded_checkpoints(runs: dict[str, Path
     for name, out in runs.items():
         root = out / "checkpoints"
         for tier in ("latest", "latest_backup", "milestone_0000004", "final", "best"):
-            v = atomic.verify(root / tier, sha256=True)
+            v = atomic.verify(root / tier, hashes=True)
             assert v.ok, (name, tier, v.reason)
             assert v.manifest["world_size"] == 2
             assert native[name] | {"model.safetensors", "random_states_0.pkl", "random_states_1.pkl",

@@ -72,7 +72,7 @@ def test_slow_hub_never_slows_training_and_the_repo_ends_with_checkpoint_and_exp
     downloaded.mkdir()
     for name, data in ckpt.items():
         (downloaded / name).write_bytes(data)
-    v = atomic.verify(downloaded, sha256=True)
+    v = atomic.verify(downloaded, hashes=True)
     assert v.ok and v.manifest["step"] == 8 and "final" in v.manifest["tiers"], v.reason
     # Nothing local or secret left the machine: no path of this machine, no token, in any uploaded byte.
     for name, data in files.items():

@@ -300,7 +300,7 @@ def test_failed_push_after_training_is_reported_and_never_touches_checkpoints(tr
     assert "HF_HUB_OFFLINE" in result.error and f"hf-gpt2-train push {run / 'hf_export' / 'final'}" in result.error
     assert {p.name for p in (run / "hf_export" / "final").iterdir()} == EXPORT_FILES  # kept for the retry
     assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")} == before
-    assert verify(run / "checkpoints" / "final", sha256=True).ok
+    assert verify(run / "checkpoints" / "final", hashes=True).ok
 
 
 def test_push_uploads_exactly_the_export(trained_run, fake_hub: FakeHub, tmp_path: Path) -> None:

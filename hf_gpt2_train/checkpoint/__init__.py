@@ -4,7 +4,7 @@
 * ``snapshot.py``: what a save captures on the loop's thread (small files, host copy of the state; FSDP2
   layouts) and how it is written with Accelerate's writers; ``writer.py``: the background writer thread.
 * ``tiers.py``: sealing a save and putting it in place as its tiers (hard links), rotation.
-* ``atomic.py``: the on-disk protocol (temp folder, fsync, manifest with sizes and sha256, hard-linked tiers).
+* ``atomic.py``: the on-disk protocol (temp folder, fsync, manifest with sizes and checksums, hard-linked tiers).
 * ``GracefulShutdown``, ``resume_command_hint`` (shutdown.py): SIGINT/SIGTERM/SIGUSR1 handling.
 * ``register_cli`` (cli.py): ``hf-gpt2-train checkpoints list|verify``.
 

@@ -32,14 +32,14 @@ def checkpoint_root(path: Path) -> Path:
     raise ConfigError(f"{path} holds no checkpoints folder: pass a run's --output_dir")
 
 
-def list_checkpoints(root: Path, sha256: bool = False) -> list[dict[str, Any]]:
+def list_checkpoints(root: Path, hashes: bool = False) -> list[dict[str, Any]]:
     """One row per tier folder: tier, step, tokens, val_loss, val_loss_step, bytes, created, valid, reason.
 
     ``val_loss`` is the latest validation loss as of the checkpoint, measured at ``val_loss_step`` (None in
-    manifests written before that field existed)."""
+    manifests written before that field existed). ``hashes``: also check every file's checksum (reads it all)."""
     rows = []
     for p in sorted((c for c in root.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_sort_key):
-        v = atomic.verify(p, sha256=sha256)
+        v = atomic.verify(p, hashes=hashes)
         m = v.manifest
         if not v.ok:
             try:
@@ -83,7 +83,7 @@ def val_loss_cell(row: dict[str, Any]) -> str:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     root = checkpoint_root(Path(args.output_dir))
-    rows = list_checkpoints(root, sha256=args.sha256)
+    rows = list_checkpoints(root, hashes=args.checksums)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -99,7 +99,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     folders = [Path(r["path"]) for r in rows]
     print(f"\n{len(rows)} checkpoint folder(s) in {root}; {_human_bytes(atomic.unique_bytes(folders))} on disk "
           f"(tiers of one save share files through hard links); validity checked by "
-          f"{'sha256' if args.sha256 else 'sizes (add --sha256 for a full check)'}")
+          f"{'sizes and checksums' if args.checksums else 'sizes (add --checksums for a full check)'}")
     pending = [c.name for c in root.iterdir() if c.name.startswith((atomic.TMP_SAVE, ".new-"))]
     if pending:
         print(f"in progress or interrupted (never used for resume): {', '.join(sorted(pending))}")
@@ -114,10 +114,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         (path / "checkpoints").is_dir() or any((c / atomic.MANIFEST).exists() for c in path.iterdir() if c.is_dir())
     ) else sorted((c for c in checkpoint_root(path).iterdir() if c.is_dir() and not c.name.startswith(".")),
                   key=_sort_key)
-    check = "sizes" if args.no_sha256 else "sizes and sha256"
+    check = "sizes" if args.no_checksums else "sizes and checksums"
     bad = 0
     for f in folders:
-        v = atomic.verify(f, sha256=not args.no_sha256)
+        v = atomic.verify(f, hashes=not args.no_checksums)
         if v.ok:
             print(f"OK       {f}  (step {v.manifest.get('step')}, {len(v.manifest['files'])} files, {check} match)")
         else:
@@ -134,11 +134,14 @@ def register_cli(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="checkpoints_command", required=True, metavar="ACTION")
     lp = sub.add_parser("list", help="Table of tier, step, tokens, val loss, size, age and validity.")
     lp.add_argument("output_dir", help="The run's --output_dir (or its checkpoints folder).")
-    lp.add_argument("--sha256", action="store_true", help="Check every file's sha256 (default: sizes only).")
+    lp.add_argument("--checksums", action="store_true",
+                    help="Check every file's checksum, reading every byte (default: sizes only).")
+    lp.add_argument("--sha256", dest="checksums", action="store_true", help=argparse.SUPPRESS)  # the old spelling
     lp.add_argument("--json", action="store_true", help="Print JSON rows instead of a table.")
     lp.set_defaults(func=_cmd_list)
     vp = sub.add_parser("verify", help="Check a checkpoint (or every checkpoint of a run) against its manifest; "
                         "exit 1 if any is invalid.")
     vp.add_argument("path", help="A checkpoint folder, or a run's --output_dir to verify all of them.")
-    vp.add_argument("--no_sha256", action="store_true", help="Only check that files exist with their sizes.")
+    vp.add_argument("--no_checksums", action="store_true", help="Only check that files exist with their sizes.")
+    vp.add_argument("--no_sha256", dest="no_checksums", action="store_true", help=argparse.SUPPRESS)  # old spelling
     vp.set_defaults(func=_cmd_verify)

@@ -130,7 +130,7 @@ class CheckpointManager:
 
         ``latest``/``auto`` fall back from a damaged or incomplete ``latest`` to ``latest_backup`` and then to
         the most recent valid rolling checkpoint, warning about each one skipped. Sizes are checked here;
-        sha256 is checked by ``load`` while the state loads.
+        checksums are checked by ``load`` while the state loads.
         """
         if not spec or not str(spec).strip():
             return None
@@ -189,7 +189,7 @@ class CheckpointManager:
                 chain = [p]
         skipped: list[str] = []
         for i, cand in enumerate(chain):
-            v = atomic.verify(cand, sha256=False)
+            v = atomic.verify(cand, hashes=False)
             if v.ok:
                 if skipped:
                     logger.warning("resume: skipped %s; using %s (step %s)", "; ".join(skipped), cand,
@@ -213,7 +213,7 @@ class CheckpointManager:
     def load(self, path: str | Path) -> dict[str, Any]:
         """``accelerator.load_state`` from ``path`` on all ranks; returns its manifest (with ``"path"``).
 
-        The sha256 check (``verify_checkpoint``) runs in a thread while the state loads. If it fails for a
+        The checksum check (``verify_checkpoint``) runs in a thread while the state loads. If it fails for a
         checkpoint chosen by ``latest``/``auto``, the next candidate of the fallback chain is loaded instead
         (with a warning); ``manifest["path"]`` says which one was loaded.
         """

@@ -84,7 +84,7 @@ def resolve_checkpoint(spec: str, output_dir: str = "", tier: str = "") -> Path:
 
 
 def _valid(p: Path) -> Path:
-    """``p`` if it is a complete, intact checkpoint (manifest, sizes, and the weights' sha256)."""
+    """``p`` if it is a complete, intact checkpoint (manifest, sizes, and the weights' checksum)."""
     from hf_gpt2_train.checkpoint import CheckpointInvalid, verify
     from hf_gpt2_train.checkpoint.atomic import check_hashes
 
@@ -93,7 +93,7 @@ def _valid(p: Path) -> Path:
         hint = f" (available: {', '.join(siblings)})" if siblings else ""
         raise ConfigError(f"checkpoint {p} does not exist{hint}: pass an existing checkpoint")
     fix = "export another tier, e.g. latest_backup (`hf-gpt2-train checkpoints list OUTPUT_DIR` shows them)"
-    v = verify(p, sha256=False)  # sizes of every file; only the weights are read below, so only they are hashed
+    v = verify(p, hashes=False)  # sizes of every file; only the weights are read below, so only they are hashed
     if not v.ok:
         raise ConfigError(f"{p} is not a complete checkpoint ({v.reason}): {fix}")
     weights = v.manifest["files"].get("model.safetensors")
@@ -102,7 +102,7 @@ def _valid(p: Path) -> Path:
     try:
         check_hashes(p, v.manifest, only=["model.safetensors"])
     except CheckpointInvalid:
-        raise ConfigError(f"{p}/model.safetensors does not match its manifest's sha256 (damaged): {fix}") from None
+        raise ConfigError(f"{p}/model.safetensors does not match its manifest's checksum (damaged): {fix}") from None
     return p
 
 

@@ -240,7 +240,7 @@ class HubMirror:
                               "--hub_model_id, the token and the network") from None
         src = tmp / prefix
         shutil.rmtree(src / ".cache", ignore_errors=True)
-        v = atomic.verify(src, sha256=True)
+        v = atomic.verify(src, hashes=True)
         if not v.ok:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ConfigError(f"--resume_from_checkpoint hub: {self.repo_id}/{prefix} is not a complete checkpoint "
@@ -249,7 +249,7 @@ class HubMirror:
         target = root / f"step_{step:07d}"
         log.info("downloaded %s/%s (step %d, %.1f MB) in %.1fs", self.repo_id, prefix, step,
                  atomic.folder_bytes(src) / 1e6, time.perf_counter() - t0)
-        same = atomic.verify(target, sha256=False)
+        same = atomic.verify(target, hashes=False)
         if same.ok and same.manifest.get("save_id") == v.manifest.get("save_id"):
             shutil.rmtree(tmp, ignore_errors=True)
             return target
