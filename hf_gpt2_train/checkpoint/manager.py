@@ -451,7 +451,7 @@ class CheckpointManager:
             "tokens_seen": state.tokens_seen,
             "epoch": state.epoch,
             "val_loss": _json_float(val_loss if val_loss is not None else state.last_val_loss),
-            "val_loss_step": state.step if val_loss is not None else getattr(state, "last_val_step", None),
+            "val_loss_step": state.step if val_loss is not None else state.last_val_step,
             "best_val_loss": _json_float(state.best_val_loss),
             "wall_time": state.wall_time,
             "created": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),

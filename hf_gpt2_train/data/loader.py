@@ -183,7 +183,7 @@ class TrainLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 ``(micro_batch_size, seq_len)`` inputs and next-token targets for this rank's next micro-step."""
         b = self.micro_batch_size
-        g = self.epoch * self.num_windows + self.cursor
+        g = self.position
         windows = self.window_indices(g + self.rank * b, b)
         tokens = self.stream.read(windows * self.seq_len, self.seq_len + 1)
         self._move_to(g + self.world_size * b)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hf_gpt2_train.checkpoint.tiers import step_name
 from hf_gpt2_train.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class HubMirror:
             return
         step, tiers = int(manifest["step"]), list(manifest.get("tiers") or [folder.name])
         export = "final" not in tiers  # the end-of-run push exports the final model
-        in_repo = {"checkpoint": LAST_CHECKPOINT, "all_checkpoints": f"step_{step:07d}"}.get(self.strategy)
+        in_repo = {"checkpoint": LAST_CHECKPOINT, "all_checkpoints": step_name(step)}.get(self.strategy)
         if not export and in_repo is None:
             return
         try:
@@ -133,7 +134,7 @@ class HubMirror:
         if self._seq == 0:  # snapshots a killed run left behind (hard links that would pin rotated checkpoints)
             shutil.rmtree(self.output_dir / MIRROR_DIR, ignore_errors=True)
         self._seq += 1
-        staging = self.output_dir / MIRROR_DIR / f"step_{step:07d}-{self._seq}"
+        staging = self.output_dir / MIRROR_DIR / f"{step_name(step)}-{self._seq}"
         shutil.rmtree(staging, ignore_errors=True)
         tier = manifest.get("tier") or folder.name
         ckpt = staging / "checkpoints" / tier
@@ -246,7 +247,7 @@ class HubMirror:
             raise ConfigError(f"--resume_from_checkpoint hub: {self.repo_id}/{prefix} is not a complete checkpoint "
                               f"({v.reason}): push a new one, or resume from a local checkpoint")
         step = int(v.manifest["step"])
-        target = root / f"step_{step:07d}"
+        target = root / step_name(step)
         log.info("downloaded %s/%s (step %d, %.1f MB) in %.1fs", self.repo_id, prefix, step,
                  atomic.folder_bytes(src) / 1e6, time.perf_counter() - t0)
         same = atomic.verify(target, hashes=False)
