@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from hf_gpt2_train.checkpoint import CheckpointSaveError, atomic
-from tests.test_checkpoint_manager import Harness
+from hf_gpt2_train.config import ModelConfig
+from tests.test_checkpoint_manager import TINY, Harness
 
 
 def _can_mount() -> bool:
@@ -53,13 +54,13 @@ def fill(path: Path) -> Path:
     return filler
 
 
-def _check_intact(out: Path, latest_step: int) -> None:
+def _check_intact(out: Path, latest_step: int, model_cfg: ModelConfig = TINY) -> None:
     root = out / "checkpoints"
     assert not [p.name for p in root.iterdir() if p.name.startswith((".tmp", ".new-"))], "half-written leftovers"
     for name in ("latest", "latest_backup", "step_0000002", "step_0000004"):
         v = atomic.verify(root / name, hashes=True)
         assert v.ok, (name, v.reason)
-    resumed = Harness(out)
+    resumed = Harness(out, model_cfg)
     assert resumed.mgr.load(resumed.mgr.resolve_resume("latest"))["step"] == latest_step == resumed.state.step
 
 
@@ -79,6 +80,25 @@ def test_disk_full_during_save(tmp_path: Path) -> None:
         h.steps(2)
         assert atomic.verify(out / "checkpoints" / "latest").ok and Harness(out).mgr.load(out / "checkpoints" /
                                                                                           "latest")["step"] == 8
+
+
+@pytest.mark.skipif(not _can_mount(), reason="mounting a tmpfs needs root; the EFBIG test covers this case")
+def test_disk_fills_in_the_middle_of_a_save(tmp_path: Path) -> None:
+    """Room for part of the save only: torch.save's zip writer says "unexpected pos", and removing the
+    half-written save frees the space again; the error still names the full disk."""
+    out = tmp_path / "run"
+    with tmpfs(out / "checkpoints", "96m"):
+        bigger = ModelConfig(**{**vars(TINY), "n_embd": 128, "n_layer": 4})  # a 10 MB checkpoint
+        h = Harness(out, bigger, checkpoint_steps=2, keep_last=3)
+        h.steps(4)
+        filler = fill(out / "checkpoints")
+        os.truncate(filler, filler.stat().st_size - 5_000_000)  # half a checkpoint of room
+        h.step()
+        with pytest.raises(CheckpointSaveError, match="No space left on device") as e:
+            h.steps(1)
+        assert "step 6" in str(e.value)
+        assert os.statvfs(out / "checkpoints").f_bavail * os.statvfs(out / "checkpoints").f_frsize > 1 << 20  # what the old check saw
+        _check_intact(out, 4, bigger)
 
 
 def test_file_size_limit_during_save(tmp_path: Path) -> None:

@@ -323,9 +323,15 @@ def test_disk_full_stops_training_with_a_clear_error_and_keeps_checkpoints(refer
     out, root, log = tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "run.log"
     with tmpfs(root, "256m"):
         proc = start(train_args(out, resume_from_checkpoint="auto"), log)  # auto: the mount point is empty
-        wait_for(lambda: (root / "latest" / "manifest.json").exists() and manifest(root / "latest")["step"] == 4,
-                 proc, what="the step-4 checkpoint")
+        # The save is complete when it says so: its other tiers are linked after latest's manifest appears.
+        wait_for(lambda: re.search(r"saved checkpoint \S+ at step 4 ", log.read_text()) is not None,
+                 proc, poll=0.002, what="the step-4 checkpoint")
+        # Freeze the run while the disk fills, so that the step-6 save cannot finish first (it may have begun:
+        # then it fails half-written, which is the case a full disk usually makes).
+        proc.send_signal(signal.SIGSTOP)
+        assert manifest(root / "latest")["step"] == 4
         filler = fill(root)  # the disk is now full: the step-6 save cannot complete
+        proc.send_signal(signal.SIGCONT)
         rc = proc.wait(timeout=300)
         text = log.read_text()
         assert rc != 0 and "could not save the checkpoint of step 6" in text and "No space left on device" in text

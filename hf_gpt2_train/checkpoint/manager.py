@@ -72,6 +72,15 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def _save_error_reason(err: BaseException, root: Path) -> str:
+    """What a failed save tells the user. torch.save reports a full disk as "unexpected pos ..." from its zip
+    writer: say what it is. Free space is read before the half-written save is removed, which frees it again."""
+    reason = f"{type(err).__name__}: {err}"
+    if not isinstance(err, OSError) and _free_bytes(root) < 1 << 20:
+        reason = f"No space left on device ({reason})"
+    return reason
+
+
 def _versions() -> dict[str, str]:
     import platform
 
@@ -418,6 +427,7 @@ class CheckpointManager:
     def _agree(self, step: int, err: BaseException | None) -> None:
         if not any_rank(err is not None):
             return
+        reason = "" if err is None else _save_error_reason(err, self.root)  # before the cleanup frees space
         if self.is_main:
             try:  # leave nothing half-written behind; what was complete before stays as it was
                 for p in self.root.iterdir() if self.root.is_dir() else []:
@@ -430,10 +440,6 @@ class CheckpointManager:
                                       "earlier checkpoints are intact")
         kept = ", ".join(sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))) \
             if self.root.is_dir() else "none"
-        reason = f"{type(err).__name__}: {err}"
-        if not isinstance(err, OSError) and _free_bytes(self.root) < 1 << 20:
-            # torch.save reports a full disk as "unexpected pos ..." from its zip writer: say what it is.
-            reason = f"No space left on device ({reason})"
         raise CheckpointSaveError(
             f"could not save the checkpoint of step {step} in {self.root}: {reason}. Earlier "
             f"checkpoints are intact ({kept or 'none'}): free disk space or make the folder writable, then resume "
