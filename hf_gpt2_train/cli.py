@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import os
 import sys
 from typing import Any
 
+from hf_gpt2_train import is_launch_rank_0
 from hf_gpt2_train.config import SECTIONS, ConfigError, build_config, field_docs, parse_bool
 
 # The original system's flags, kept working: alias -> (field, value or None to take the given value).
@@ -135,11 +135,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _is_main_process() -> bool:
-    """Rank 0 of a torchrun/accelerate launch (or a single process); set before any process group exists."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def main(argv: list[str] | None = None) -> None:
     from hf_gpt2_train.errors import (
         EXIT_NONFINITE,
@@ -153,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except ConfigError as e:
-        if _is_main_process() or not e.every_process:  # the same error on every rank is printed once
+        if is_launch_rank_0() or not e.every_process:  # the same error on every rank is printed once
             print(f"hf-gpt2-train: error: {e}", file=sys.stderr)
         code = 2
     except NonFiniteLossError as e:

@@ -23,6 +23,8 @@ import re
 import sys
 from typing import Any
 
+from hf_gpt2_train import is_launch_rank_0
+
 REDACTED = "<redacted>"
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 _SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|password|secret)$", re.IGNORECASE)
@@ -92,7 +94,7 @@ def install_log_redaction(logger: logging.Logger) -> None:
 def warn_token_on_command_line(flag: str = "--hub_token") -> None:
     """One warning per process (main process only) that a token in argv is visible to other users."""
     global _warned_cli_token
-    if _warned_cli_token or int(os.environ.get("RANK", "0")) != 0:
+    if _warned_cli_token or not is_launch_rank_0():
         return
     _warned_cli_token = True
     print(f"hf-gpt2-train: WARNING: {flag} on the command line is visible to other users of this machine (ps, "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.distributed.tensor import DTensor
 
+from hf_gpt2_train import package_versions
 from hf_gpt2_train.config import Config
 from hf_gpt2_train.fsio import write_json_atomic
 from hf_gpt2_train.model import build_model, flops_per_token, setup_training_forward
@@ -66,17 +66,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     o = cfg.optim
     return torch.optim.AdamW(groups, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
                              fused=device.type in ("cuda", "cpu"))
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import transformers
-
-    import hf_gpt2_train
-
-    return {"hf_gpt2_train": hf_gpt2_train.__version__, "torch": torch.__version__,
-            "accelerate": accelerate.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 class Trainer:
@@ -171,7 +160,7 @@ class Trainer:
             **precision_info(self.plan, coverage),
             "world_size": acc.num_processes, "grad_accum_steps": self.accum, "compile": use_compile,
             **dict(zip(("device", "hardware"), hardware(acc.device.type, acc.num_processes), strict=True)),
-            "data_dir": str(data_dir), "versions": _versions(),
+            "data_dir": str(data_dir), "versions": package_versions(),
         })
         self.shutdown = GracefulShutdown()
         self.evaluator = Evaluator(cfg, acc, self.model, self.val_batches, self.enc)

@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hf_gpt2_train import package_versions
 from hf_gpt2_train.checkpoint import atomic
 from hf_gpt2_train.checkpoint.atomic import MANIFEST, TMP_SAVE, CheckpointInvalid
 from hf_gpt2_train.checkpoint.snapshot import StateCapture, fsdp_resume_problem
@@ -79,18 +80,6 @@ def _save_error_reason(err: BaseException, root: Path) -> str:
     if not isinstance(err, OSError) and _free_bytes(root) < 1 << 20:
         reason = f"No space left on device ({reason})"
     return reason
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    import accelerate
-    import torch
-
-    import hf_gpt2_train
-
-    return {"hf_gpt2_train": hf_gpt2_train.__version__, "torch": torch.__version__,
-            "accelerate": accelerate.__version__, "python": platform.python_version()}
 
 
 @dataclass
@@ -464,5 +453,5 @@ class CheckpointManager:
             "created_unix": now,
             "world_size": acc.num_processes,
             "effective_precision": self.run_info.get("effective_precision", acc.mixed_precision),
-            "versions": self.run_info.get("versions") or _versions(),
+            "versions": self.run_info.get("versions") or package_versions(),
         }

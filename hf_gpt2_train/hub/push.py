@@ -9,10 +9,10 @@ clear line naming the fix; the export stays on disk so the push can be retried.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from hf_gpt2_train import is_launch_rank_0
 from hf_gpt2_train.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def export_and_push_after_training(output_dir: str | Path, cfg) -> PushResult:
     """
     from hf_gpt2_train.hub.export import default_export_dir, export_hf, resolve_checkpoint
 
-    if int(os.environ.get("RANK", "0")) != 0:  # other ranks of a torchrun/accelerate launch do nothing
+    if not is_launch_rank_0():  # other ranks of a torchrun/accelerate launch do nothing
         return PushResult(export_dir=None, error="not the main process")
     hub = cfg.hub
     export_dir: Path | None = None
