@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from hf_gpt2_train.config import ConfigError, ModelConfig, PrecisionConfig
-from hf_gpt2_train.mfu import mfu, peak_tflops  # noqa: F401  (re-exported: the trainer imports them from here)
 from hf_gpt2_train.model import matmul_flops_by_layer
 
 logger = logging.getLogger(__name__)

@@ -86,10 +86,10 @@ class Trainer:
         from hf_gpt2_train.data.tokenizer import get_encoding
         from hf_gpt2_train.evaluate import Evaluator
         from hf_gpt2_train.hub.mirror import HubMirror
+        from hf_gpt2_train.mfu import peak_tflops
         from hf_gpt2_train.precision import (
             describe,
             fp8_coverage,
-            peak_tflops,
             plan_precision,
             precision_info,
             prepare_model_for_precision,

@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from hf_gpt2_train import is_launch_rank_0
 from hf_gpt2_train.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,13 +96,12 @@ class PushResult:
 def export_and_push_after_training(output_dir: str | Path, cfg) -> PushResult:
     """Export ``OUTPUT_DIR/checkpoints/final`` to ``OUTPUT_DIR/hf_export/final`` and push it (``--push_to_hub``).
 
-    Call on the main process after the final checkpoint is complete. Only reads the checkpoint, so a
+    Call on the main process after the final checkpoint is complete (``end.push_at_end`` does, on
+    ``accelerator.is_main_process``). Only reads the checkpoint, so a
     failure here can never damage it; failures are logged as one line and returned, not raised.
     """
     from hf_gpt2_train.hub.export import default_export_dir, export_hf, resolve_checkpoint
 
-    if not is_launch_rank_0():  # other ranks of a torchrun/accelerate launch do nothing
-        return PushResult(export_dir=None, error="not the main process")
     hub = cfg.hub
     export_dir: Path | None = None
     try:
