@@ -21,7 +21,6 @@ import argparse
 import copy
 import datetime as dt
 import gc
-import json
 import math
 import statistics
 import sys
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from hf_gpt2_train.config import Config, ConfigError
+from hf_gpt2_train.fsio import write_json_atomic
 from hf_gpt2_train.mfu import mfu, peak_tflops
 from hf_gpt2_train.model import build_model, flops_per_token, setup_training_forward
 from hf_gpt2_train.precision import (
@@ -287,16 +287,10 @@ def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repea
                 _reset_accelerate()
             measured = [r["overhead_ratio"] for r in results.values() if "overhead_ratio" in r]
             doc["overhead_ratio"] = max(measured) if measured else None
-            if output is not None:
-                _write_json(output, doc)
+            if output is not None:  # a reader (or a kill) never sees half a file
+                output.parent.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(output, doc, indent=2)
     return doc
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)  # a reader (or a kill) never sees half a file
 
 
 def format_table(doc: dict[str, Any]) -> str:

@@ -157,12 +157,11 @@ class UpdateGuard:
         Fused AdamW reads ``found_inf``; with a GradScaler the scaler sets it from its own per-device flags, so
         the skip goes into those, and the scale the scaler would then lose is restored afterwards.
         """
-        inner = getattr(optimizer, "optimizer", optimizer)
         if scaler is None:
-            inner.found_inf = skip
+            getattr(optimizer, "optimizer", optimizer).found_inf = skip
             yield
             return
-        found = scaler._per_optimizer_states[id(inner)]["found_inf_per_device"]
+        found = _found_inf_per_device(scaler, optimizer)
         overflow = sum(t.to(self.device) for t in found.values()) if found else torch.zeros((), device=self.device)
         for dev, t in found.items():
             found[dev] = torch.maximum(t, skip.to(t.device, t.dtype))
@@ -177,7 +176,7 @@ class UpdateGuard:
         """The scaler's found_inf for ``optimizer`` after unscaling (None without a scaler)."""
         if scaler is None:
             return None
-        found = scaler._per_optimizer_states[id(getattr(optimizer, "optimizer", optimizer))]["found_inf_per_device"]
+        found = _found_inf_per_device(scaler, optimizer)
         return sum(found.values()) if found else None
 
     # ---------------------------------------------------------------------------------- logging steps
@@ -195,13 +194,13 @@ class UpdateGuard:
         bad = report.nonfinite
         if bad:
             msg = (f"non-finite loss or grad norm in {len(bad)} step(s) up to step {records[-1].step} "
-                   f"(steps {_steps(bad)}); those updates were skipped, weights are from the last finite step")
+                   f"(steps {_first([str(r.step) for r in bad])}); those updates were skipped, weights are from the last finite step")
             if self.on_nonfinite == "stop":
                 raise NonFiniteLossError(f"{msg}: lower --learning_rate, check the data, or pass --on_nonfinite skip")
         skipped = report.skipped
         if skipped:
             log.warning("update guard: skipped %d update(s): step %s", len(skipped),
-                        ", ".join(r.describe() for r in skipped[:12]) + (", ..." if len(skipped) > 12 else ""))
+                        _first([r.describe() for r in skipped]))
         return report
 
     # ------------------------------------------------------------------------------------ checkpoint
@@ -221,6 +220,11 @@ class UpdateGuard:
         self.accepted.fill_(int(d["accepted"]))
 
 
-def _steps(records: list[StepRecord], limit: int = 12) -> str:
-    s = ", ".join(str(r.step) for r in records[:limit])
-    return s + (", ..." if len(records) > limit else "")
+def _found_inf_per_device(scaler: Any, optimizer: Any) -> dict[Any, torch.Tensor]:
+    """The GradScaler's per-device found_inf flags of ``optimizer`` (set by ``unscale_``)."""
+    return scaler._per_optimizer_states[id(getattr(optimizer, "optimizer", optimizer))]["found_inf_per_device"]
+
+
+def _first(items: list[str], limit: int = 12) -> str:
+    """The first ``limit`` items, comma-separated (", ..." when there are more)."""
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
