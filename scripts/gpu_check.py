@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpu_check_muon import step_muon  # scripts/ is this script's folder, first on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 DRY_RUN = os.environ.get("GPU_CHECK_DRY_RUN", "") not in ("", "0")
@@ -305,6 +307,9 @@ STEPS: list[tuple[str, float, Callable[[Context], dict[str, Any]], str]] = [
     ("fsdp2", 80, step_fsdp2, "FSDP2, 10 steps, save, export loads in transformers"),
     ("bench_gpt2_real_vocab_logits", 45, step_bench_logits, "gpt2 bf16 with the loss GEMM over 50257 rows"),
     ("bench_gpt2_fp8_lm_head", 45, step_bench_fp8_lm_head, "gpt2 fp8 with lm_head in fp8 too"),
+    ("muon", 90, lambda ctx: step_muon(ctx, py=PY, dry_run=DRY_RUN, bench_model=SMALL, bench_batch=SMALL_BATCH,
+                                       train_model=TRAIN, train_batch=TRAIN_BATCH, run_flags=RUN_FLAGS),
+     "gpt2: Muon vs AdamW step time (bf16, compiled); a short Muon + WSD run learns"),
 ]
 
 
