@@ -160,6 +160,8 @@ def test_fsdp2_muon_matches_one_process_and_exports_a_stock_gpt2(reference: Path
     assert close(losses(out), losses(reference), range(1, 9), 1e-4), (losses(out), losses(reference))
     ckpt = out / "checkpoints" / "final"
     export = export_hf(ckpt, tmp_path / "hf", tokenizer_file=str(shared_data / "gpt2.tiktoken"))
+    card = (export / "README.md").read_text()
+    assert "Muon on the block matrices (peak lr 0.02" in card and "warmup-stable-decay" in card
     hf = GPT2LMHeadModel.from_pretrained(str(export)).eval()
     ours, _ = load_trained_model(str(ckpt))
     x = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0))
