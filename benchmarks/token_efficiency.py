@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -185,7 +184,7 @@ class Measurement:
         ratios = [s["ratio"] for s in seeds if s["ratio"] is not None]
         return {
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "device": f"{_cpu()}, {os.cpu_count()} cores (shared)", "command": shlex.join([sys.executable, *sys.argv]),
+            "device": f"{cpu_model()}, {os.cpu_count()} cores (shared)", "command": shlex.join([sys.executable, *sys.argv]),
             "git_commit": _git("rev-parse", "HEAD"), "torch": _torch_version(),
             "data": {"source": "tiny Shakespeare (prepare-data)", "tokens": self.tokens},
             "model": {"n_layer": a.n_layer, "n_head": a.n_head, "n_embd": a.n_embd, "seq_len": a.seq_len},
@@ -258,21 +257,17 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
 def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def cpu_model() -> str:
+    from hf_gpt2_train.tracking import cpu_model as model_name
+
+    return model_name()
 
 
 def _torch_version() -> str:
