@@ -291,14 +291,15 @@ def test_slurm_job_at_its_time_limit_then_preempted_requeues_and_finishes(slurm:
                        env=worker_env(OUTPUT_DIR=str(out), NPROC_PER_NODE="1", RDZV_PORT=str(free_port())))
     nodes = slurm.cluster.nodes
 
-    def state() -> tuple[str, int]:
+    def state(done_ok: bool = False) -> tuple[str, int]:
+        """(JobState, Restarts), read once; a job that failed (or completed too early) fails the test at once."""
         info = slurm.job(job)
+        bad = ("FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY") + (() if done_ok else ("COMPLETED",))
+        assert info["JobState"] not in bad, (info["JobState"], job_log.read_text()[-3000:])
         return info["JobState"], int(info["Restarts"])
 
     def running(restarts: int) -> bool:
-        s, r = state()
-        assert s not in ("FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "COMPLETED"), (s, job_log.read_text()[-3000:])
-        return (s, r) == ("RUNNING", restarts)
+        return state() == ("RUNNING", restarts)
 
     def signalled() -> bool:
         return job_log.exists() and "SIGTERM: stopping the training" in job_log.read_text()
@@ -315,13 +316,12 @@ def test_slurm_job_at_its_time_limit_then_preempted_requeues_and_finishes(slurm:
         continued = datetime.now()
         for w in paused:
             w.resume()
-        wait_until(lambda: state()[1] == 1, "run 1 to requeue itself", 120, alive=lambda: state()[0] != "COMPLETED")
+        wait_until(lambda: state()[1] == 1, "run 1 to requeue itself", 120)
         wait_until(lambda: running(1) and latest_step(out) >= 60, "run 2's checkpoint of step 60", 180)
         slurm.scontrol("requeue", str(job))  # preemption
         wait_until(lambda: state()[1] == 2, "run 2 to be requeued", 120)
         slurm.scontrol("update", f"JobId={job}", "TimeLimit=10")
-        wait_until(lambda: state()[0] == "COMPLETED", "run 3 to finish", 240,
-                   alive=lambda: state()[0] in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"))
+        wait_until(lambda: state(done_ok=True) == ("COMPLETED", 2), "run 3 to finish", 240)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{job_log.read_text()[-5000:] if job_log.exists() else ''}\n{slurm.logs()}") \
             from None
