@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from hf_gpt2_train.config import ConfigError, DataConfig
-from hf_gpt2_train.data.shards import ShardSet, TokenStream, scan
+from hf_gpt2_train.data.shards import ShardSet, TokenStream
 from hf_gpt2_train.data.verify import check_data_dir, identity_difference
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class TrainLoader:
         self.seed, self.shuffle = seed, shuffle
         self.pin_memory = pin_memory
         """Return batches in page-locked memory (for CUDA: the trainer sets it when the device is a GPU)."""
-        shards = scan(self.data_dir)
+        shards = check_data_dir(self.data_dir)  # sizes and headers (resolve_data_dir checked the bytes)
         self.data = shards.identity()
         """What the data is (shard names, token counts, checksums), kept in the state: a resume checks it."""
         self.stream, self.num_windows = _split_stream(shards, "train", seq_len)
@@ -260,7 +260,7 @@ def val_batches(data_dir: Path, seq_len: int, micro_batch_size: int, n_batches: 
     """
     if n_batches <= 0:
         return []
-    shards = scan(Path(data_dir))
+    shards = check_data_dir(Path(data_dir))
     stream, n = _split_stream(shards, "val", seq_len)
     per_round = world_size * micro_batch_size
     if not shards.split("val"):

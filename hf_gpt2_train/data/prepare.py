@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import threading
 import time
@@ -47,6 +46,7 @@ from hf_gpt2_train.data.shard_writer import INITIAL, ShardWriter
 from hf_gpt2_train.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
 from hf_gpt2_train.data.sources import DocSource, open_source
 from hf_gpt2_train.data.tokenizer import EOT, get_encoding, vocab_hash
+from hf_gpt2_train.data.verify import damaged_shards
 from hf_gpt2_train.fsio import write_json_atomic
 
 DEFAULT_SOURCE = "HuggingFaceFW/fineweb-edu"
@@ -312,8 +312,6 @@ def _feed(writer: ShardWriter, source: DocSource, start: dict[str, Any], num_pro
 def _repair(args: PrepareArgs, out: Path, m: dict[str, Any], source: DocSource, val_tokens: int,
             num_proc: int) -> None:
     """Re-make the damaged or missing shards of ``out`` in place (module docstring: Repair)."""
-    from hf_gpt2_train.data.verify import damaged_shards
-
     damaged = damaged_shards(out, m)
     if not damaged:
         return
@@ -333,37 +331,6 @@ def _repair(args: PrepareArgs, out: Path, m: dict[str, Any], source: DocSource, 
                               "changed since it was prepared: prepare it again into a new --output_dir")
         todo = [t for t in todo if t not in writer.rewritten]
     _say(args, f"re-made {len(damaged)} shard(s) of {out}; the other {len(m['shards']) - len(damaged)} were intact")
-
-
-def prepare_command(root: Path, m: dict[str, Any]) -> str:
-    """The ``prepare-data`` command that finishes or repairs ``root``, as far as its manifest tells."""
-    from hf_gpt2_train.data.embedded import EMBEDDED_VAL_TOKENS
-
-    st = m.get("settings") or {}
-    src = st.get("source") or {}
-    kind, argv = src.get("kind"), []
-    if kind == "embedded":
-        argv = ["--source", "embedded"]
-    elif kind == "hf" and not src.get("data_files"):
-        argv = ["--source", src.get("path")]
-        if src.get("config", "") != (DEFAULT_SOURCE_CONFIG if src.get("path") == DEFAULT_SOURCE else ""):
-            argv += ["--source_config", src.get("config", "")]
-        if src.get("split", "train") != "train":
-            argv += ["--source_split", src["split"]]
-    elif kind == "files" and 0 < len(src.get("files") or []) <= 3:
-        argv = ["--source", ",".join(f for f, _ in src["files"])]
-    if not argv:
-        return f"the prepare-data command that made {root} (the same --source and settings, --output_dir {root})"
-    if src.get("text_field", "text") != "text":
-        argv += ["--text_field", src["text_field"]]
-    argv += ["--output_dir", str(root)]
-    if st.get("shard_size", DEFAULT_SHARD_SIZE) != DEFAULT_SHARD_SIZE:
-        argv += ["--shard_size", str(st["shard_size"])]
-    if st.get("val_tokens") != (EMBEDDED_VAL_TOKENS if kind == "embedded" else DEFAULT_VAL_TOKENS):
-        argv += ["--val_tokens", str(st.get("val_tokens"))]
-    if st.get("max_tokens"):
-        argv += ["--max_tokens", str(st["max_tokens"])]
-    return "`hf-gpt2-train prepare-data " + " ".join(shlex.quote(str(a)) for a in argv) + "`"
 
 
 def _say(args: PrepareArgs, msg: str) -> None:

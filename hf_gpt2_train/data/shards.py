@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,30 +90,34 @@ class ShardSet:
     def tokens(self, name: str) -> int:
         return sum(s.tokens for s in self.split(name))
 
-    def fix(self, what: str = "the file") -> str:
-        """How to repair a damaged shard of this folder (the end of the one-line error)."""
-        if self.format == "ours":
-            from hf_gpt2_train.data.prepare import prepare_command
-
-            return (f"re-run {prepare_command(self.root, self.manifest)} (it keeps the intact shards and re-makes "
-                    f"damaged ones), or copy {what} again")
-        maker = "build-nanogpt's fineweb.py" if self.format == "nanogpt" else "llm.c's dev/data scripts"
-        return f"copy {what} again from where the folder came from (or re-make the folder with {maker})"
-
-    def raise_if_damaged(self) -> None:
-        """ConfigError (one line: the first damaged shard and the fix) if any shard is damaged."""
-        if not self.damaged:
-            return
-        more = len(self.damaged) - 1
-        tail = f" ({more} more damaged: `hf-gpt2-train data verify {self.root}` lists them)" if more else ""
-        raise ConfigError(f"{self.damaged[0]}: {self.fix()}{tail}")
-
     def identity(self) -> dict[str, Any]:
         """What the run reads, without where: each shard's name, split, token count and checksum (None where the
         folder records none). A checkpoint keeps it, so a resume knows whether it reads the same data (a folder
         moved to another path is the same data)."""
         return {"format": self.format,
                 "shards": [[s.path.name, s.split, s.tokens, shard_checksum(s.entry)] for s in self.shards]}
+
+
+def prepare_command(root: Path, m: dict[str, Any]) -> str:
+    """The ``prepare-data`` command that finishes or repairs ``root`` (its manifest's settings, spelled out)."""
+    st, src = m.get("settings") or {}, (m.get("settings") or {}).get("source") or {}
+    kind, argv = src.get("kind"), []
+    if kind == "embedded":
+        argv = ["--source", "embedded"]
+    elif kind == "hf" and not src.get("data_files"):
+        argv = ["--source", src.get("path"), "--source_config", src.get("config") or ""]
+    elif kind == "files" and 0 < len(src.get("files") or []) <= 3:
+        argv = ["--source", ",".join(f for f, _ in src["files"])]
+    if not argv:
+        return f"the prepare-data command that made {root} (the same --source and settings, --output_dir {root})"
+    if src.get("split", "train") != "train":
+        argv += ["--source_split", src["split"]]
+    if src.get("text_field", "text") != "text":
+        argv += ["--text_field", src["text_field"]]
+    argv += ["--output_dir", str(root), "--shard_size", st.get("shard_size"), "--val_tokens", st.get("val_tokens")]
+    if st.get("max_tokens"):
+        argv += ["--max_tokens", st["max_tokens"]]
+    return "`hf-gpt2-train prepare-data " + " ".join(shlex.quote(str(a)) for a in argv) + "`"
 
 
 def shard_checksum(entry: dict[str, Any] | None) -> str | None:
@@ -243,12 +248,12 @@ def _gaps(files: list[Path]) -> list[str]:
     return clauses
 
 
-def scan(root: Path, raise_damaged: bool = True) -> ShardSet:
+def scan(root: Path) -> ShardSet:
     """Find the shards of ``root`` (any of the three formats) and check each against what describes it, without
-    reading their tokens (see the module docstring).
+    reading their tokens (see the module docstring); damaged shards are listed in ``ShardSet.damaged``
+    (:func:`~hf_gpt2_train.data.verify.check_data_dir` raises for them, with the fix).
 
-    Raises ConfigError for a missing/empty folder, an unfinished preparation, another tokenizer and (unless
-    ``raise_damaged`` is False: then they are in ``ShardSet.damaged``) damaged shards.
+    Raises ConfigError for a missing/empty folder, an unfinished preparation, or another tokenizer.
     """
     if not root.exists():
         raise ConfigError(f"data dir {root} does not exist: run `hf-gpt2-train prepare-data --output_dir {root}` "
@@ -269,8 +274,6 @@ def scan(root: Path, raise_damaged: bool = True) -> ShardSet:
         found = [_npy_shard(p, split_of(p.name)) for p in npy] if npy else [_llmc_shard(p) for p in bins]
         shards = ShardSet(root, "nanogpt" if npy else "llmc", [s for s in found if isinstance(s, Shard)], {},
                           [*(s for s in found if isinstance(s, str)), *_gaps(npy or bins)])
-    if raise_damaged:
-        shards.raise_if_damaged()
     return shards
 
 

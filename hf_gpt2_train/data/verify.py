@@ -15,6 +15,9 @@ a shard whose checksum matched is remembered (cache folder ``verified/``) with i
 inode, size, mtime and ctime, taken before hashing), and later starts only ``stat`` it. Any write to a file
 changes its ctime, and a fresh copy is a new inode, so a changed or re-copied shard is hashed again; files
 changed less than 2 s before their stamp was taken are not remembered (timestamps are coarse).
+
+The module imports numpy (through ``shards``) only inside its functions: ``data verify`` is registered with
+every command line, which must stay light.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hf_gpt2_train.checkpoint import atomic
+from hf_gpt2_train.config import ConfigError
 from hf_gpt2_train.fsio import write_json_atomic
 
 if TYPE_CHECKING:
@@ -99,16 +103,30 @@ def checksum_problems(shards: ShardSet, remembered: bool = True) -> dict[str, st
     return {n: f"data shard {shards.root / n} {why}" for n, why in bad.items()}
 
 
-def check_data_dir(root: Path, checksums: bool) -> ShardSet:
-    """The check before a run reads ``root``: sizes and headers, then (``checksums``) the bytes of every shard not
-    known to be unchanged since it last matched. ConfigError naming the first damaged shard and the fix."""
+def check_data_dir(root: Path, checksums: bool = False) -> ShardSet:
+    """The check before anything reads ``root``: sizes and headers, then (``checksums``) the bytes of every shard
+    not known to be unchanged since it last matched. ConfigError naming the first damaged shard and the fix."""
     from hf_gpt2_train.data.shards import scan
 
-    shards = scan(root, raise_damaged=False)
+    shards = scan(root)
     if checksums and not shards.damaged:
         shards.damaged += checksum_problems(shards).values()
-    shards.raise_if_damaged()
+    if shards.damaged:
+        more = len(shards.damaged) - 1
+        tail = f" ({more} more damaged: `hf-gpt2-train data verify {root}` lists them)" if more else ""
+        raise ConfigError(f"{shards.damaged[0]}: {fix_for(shards)}{tail}")
     return shards
+
+
+def fix_for(shards: ShardSet, what: str = "the file") -> str:
+    """How to repair the damaged shards of a folder (the end of the one-line error)."""
+    if shards.format == "ours":
+        from hf_gpt2_train.data.shards import prepare_command
+
+        return (f"re-run {prepare_command(shards.root, shards.manifest)} (it keeps the intact shards and re-makes "
+                f"damaged ones), or copy {what} again")
+    maker = "build-nanogpt's fineweb.py" if shards.format == "nanogpt" else "llm.c's dev/data scripts"
+    return f"copy {what} again from where the folder came from (or re-make the folder with {maker})"
 
 
 def damaged_shards(root: Path, m: dict[str, Any]) -> dict[int, str]:
@@ -152,7 +170,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from hf_gpt2_train.data.shards import scan, shard_checksum
 
     root = Path(args.data_dir).expanduser()
-    shards = scan(root, raise_damaged=False)  # not a data folder: ConfigError, exit 2
+    shards = scan(root)  # not a data folder: ConfigError, exit 2
     total = len(shards.shards) + len(shards.damaged)
     recorded = sum(1 for s in shards.shards if shard_checksum(s.entry))
     t0, nbytes = time.perf_counter(), sum(s.entry["size"] for s in shards.shards if shard_checksum(s.entry))
@@ -162,7 +180,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for clause in shards.damaged:
         print(f"DAMAGED  {clause}")
     if shards.damaged:
-        print(f"{len(shards.damaged)} of {total} shard(s) of {root} damaged: {shards.fix('them')}")
+        print(f"{len(shards.damaged)} of {total} shard(s) of {root} damaged: {fix_for(shards, 'them')}")
         return 1
     checked = "sizes and headers"
     if args.checksums and recorded:
