@@ -8,9 +8,9 @@ or missing file.
 shards carry none) are on by default too (``--verify_data_checksums``), because a file of the right size can
 still hold the wrong bytes (a preallocated copy interrupted midway holds zeros). They are hashed exactly as
 checkpoints are (``checkpoint/atomic.py``: 64 MiB chunks of all shards in parallel threads), by one process
-per machine. What they cost is reading the data: measured on this 2-core VM (2026-12-04, see
-docs/benchmarks.md), xxh3 runs at ~12-29 GB/s from the page cache and the disk reads at 0.75 GB/s, so
-FineWeb-Edu 10B (20 GB) takes ~1.5 s cached and ~27 s from disk. A run pays that once per copy of the data:
+per machine. What they cost is reading the data: on a 2-core VM (2026-12-04, docs/benchmarks.md) 2 GB took
+0.17-0.22 s from the page cache and 1.1-1.3 s from disk, so FineWeb-Edu 10B (20 GB) takes ~2 s cached and
+~13 s from that disk. A run pays that once per copy of the data:
 a shard whose checksum matched is remembered (cache folder ``verified/``) with its file's identity (device,
 inode, size, mtime and ctime, taken before hashing), and later starts only ``stat`` it. Any write to a file
 changes its ctime, and a fresh copy is a new inode, so a changed or re-copied shard is hashed again; files
