@@ -31,6 +31,14 @@ DAMAGES = ("truncated", "extended", "replaced", "missing")
 
 
 # ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def own_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The checksum stamps (and the embedded corpus) of this module's runs go to a cache folder of its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_GPT2_TRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     """tinyshakespeare speeches as JSON lines (one document each)."""
@@ -253,6 +261,11 @@ def test_loader_state_refuses_other_data_and_accepts_a_moved_copy(fmt: str, pris
         assert e.value.every_process and "not the data the checkpoint was trained on" in str(e.value)
         return str(e.value)
 
+    old = {k: v for k, v in state.items() if k != "data"}  # saved before the data's identity was kept
+    again.load_state_dict(old)
+    with pytest.raises(ConfigError, match="training tokens"):
+        TrainLoader(moved, 64, 4, 0, 1, seed=0, shuffle=True).load_state_dict({**old, "train_tokens": 1})
+
     last = tmp_path / "last_missing"  # the last shard lost: nothing at a fresh start misses it without a manifest
     shutil.copytree(pristine[fmt], last)
     lost = shard_files(last)[-1]
@@ -284,6 +297,18 @@ def test_loader_state_refuses_other_data_and_accepts_a_moved_copy(fmt: str, pris
         else:
             llmc_write_datafile(p, tokens[:-100])
         assert f"{p.name} holds 3,900 train tokens, the run's held 4,000" in refused(other)
+
+
+def test_a_damaged_embedded_corpus_is_prepared_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded corpus is a cache: damage to it is repaired by preparing it again, not reported."""
+    monkeypatch.setenv("HF_GPT2_TRAIN_CACHE", str(tmp_path / "cache"))
+    d = resolve_data_dir(DataConfig())
+    good = {p.name: p.read_bytes() for p in shard_files(d)}
+    for how, which in (("truncated", 0), ("replaced", 1)):  # its val shard cut short, its train shard's bytes
+        damage(d, how, which, np.random.default_rng(which))
+        assert resolve_data_dir(DataConfig()) == d
+        assert {p.name: p.read_bytes() for p in shard_files(d)} == good
+        assert [p.name for p in d.parent.iterdir()] == [d.name]  # the damaged copy was removed
 
 
 # ------------------------------------------------------------------------------- the real command

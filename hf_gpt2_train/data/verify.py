@@ -184,7 +184,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 1
     checked = "sizes and headers"
     if args.checksums and recorded:
-        checked = f"sizes, headers and checksums ({nbytes / 1e9:.2f} GB read in {seconds:.1f}s)"
+        checked = f"sizes, headers and checksums ({nbytes / 1e6:,.1f} MB read in {seconds:.2f} s)"
     note = ""
     if not args.checksums and recorded:
         note = "; add --checksums to compare every byte"
