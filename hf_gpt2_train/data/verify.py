@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,9 @@ ANNOUNCE_BYTES = 1 << 30  # hashing more than this at a start is announced (it t
 def _trust_file(root: Path) -> Path:
     from hf_gpt2_train.data.embedded import cache_root
 
-    return cache_root() / "verified" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+    # Per machine: machines sharing a home folder each have their own copies (and stamps) of a data path.
+    key = f"{socket.gethostname()}:{root.resolve()}"
+    return cache_root() / "verified" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def _stamp(path: Path) -> list[int] | None:
