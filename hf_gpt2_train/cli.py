@@ -28,7 +28,7 @@ ALIASES: dict[str, tuple[str, Any]] = {
 
 # Modules that own a subcommand (each has register_cli(subparsers)), in --help order.
 SUBCOMMAND_MODULES = ("hf_gpt2_train.data.prepare", "hf_gpt2_train.evaluate", "hf_gpt2_train.checkpoint",
-                      "hf_gpt2_train.hub", "hf_gpt2_train.bench")
+                      "hf_gpt2_train.hub", "hf_gpt2_train.bench", "hf_gpt2_train.data.verify")
 # Modules that import numpy/torch at the top -> (subcommand, its one-line help). They are imported only when
 # their subcommand is the one being run; otherwise a stub with the same help keeps it in `--help`.
 HEAVY_SUBCOMMANDS: dict[str, tuple[str, str]] = {
