@@ -136,7 +136,10 @@ def test_junk_stretch_with_default_defences_ends_as_good_as_clean_data(runs: dic
     print(f"junk at step {at}: val_loss @ {STEPS}: clean {clean:.4f}, defaults {defended:.4f}, defences off "
           f"{undefended:.4f}")
     assert undefended - clean > 0.08, (clean, defended, undefended)  # the junk does damage: the test can fail
-    assert abs(defended - clean) < 0.08, (clean, defended, undefended)
+    # No damage with the defaults. Only this side is asserted: after the skipped range the defended run reads the
+    # same text in other 64-token windows, and the val loss of a run over ordered text moves by a few hundredths
+    # with that (the step-20 run ended 0.063 *below* the clean one on 2026-12-04).
+    assert defended - clean < 0.08, (clean, defended, undefended)
     skipped = skipped_steps(runs[f"defended-{at}"])
     assert skipped and min(skipped) in (at, at + 1) and len(skipped) >= 20, skipped  # from its first junk step
     log = text(runs[f"defended-{at}"] / "train.log")
