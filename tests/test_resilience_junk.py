@@ -50,6 +50,9 @@ JUNK_AT = 81  # the position of the kill -9 and --max_rollbacks 0 runs
 RECIPE = ["--preset", "quickstart", "--shuffle", "false", "--max_steps", str(STEPS), "--total_batch_size",
           str(TOKENS_PER_STEP), "--per_device_train_batch_size", "8", "--hellaswag", "false"]
 OFF = ["--skip_outlier_updates", "false", "--rollback_after", "0"]
+# A junk run continues the clean run's position from its checkpoint on the junk copy (same windows, other bytes),
+# which a resume refuses unless told; its rollback reloads that checkpoint too, so the whole run gets the flag.
+OTHER = ["--resume_on_other_data", "true"]
 
 
 def prepare(jsonl: Path) -> Path:
@@ -80,7 +83,7 @@ def train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def defended_81_killed_after_its_rollback(data: Path, out: Path, prefix: Path) -> None:
     """The default run from the step-80 prefix, killed with kill -9 after its rollback saved, then resumed."""
-    args = ["train", *RECIPE, "--data_dir", str(data), "--output_dir", str(out)]
+    args = ["train", *RECIPE, "--data_dir", str(data), "--output_dir", str(out), *OTHER]
     with open(out.parent / f"{out.name}-1.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "hf_gpt2_train", *args, "--resume_from_checkpoint",
                                  str(prefix)], stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -122,10 +125,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[st
             # No rollback allowed: the same stretch stops the run (it ends at step 110, where the rollback would be).
             out["limited_proc"] = run_cli("train", *RECIPE, "--data_dir", str(data), "--output_dir",
                                           str(root / "limited"), "--resume_from_checkpoint", str(clean_prefix),
-                                          "--max_rollbacks", "0")
+                                          "--max_rollbacks", "0", *OTHER)
         else:
-            train(data, defended, "--resume_from_checkpoint", str(prefix))
-        train(data, undefended, "--resume_from_checkpoint", str(clean_prefix), *OFF)
+            train(data, defended, "--resume_from_checkpoint", str(prefix), *OTHER)
+        train(data, undefended, "--resume_from_checkpoint", str(clean_prefix), *OFF, *OTHER)
     return out
 
 
