@@ -18,7 +18,8 @@ same junk at its very end, never read in 120 steps, so every corpus has the same
 all runs read the same tokens with the same seed up to their junk. A run whose junk starts after step 40 (80)
 therefore resumes from the clean run's step-40 (80) checkpoint (a resume continues a run bitwise, see
 test_checkpoint_e2e.py); the defended runs get that checkpoint copied into their own checkpoint folder, where
-a rollback looks for it, as if they had saved it themselves. The step-20 runs start from scratch.
+a rollback looks for it, as if they had saved it themselves. The step-20 runs start from scratch. Runs that do
+not wait for each other go two at a time (CI has two cores; one run of this model keeps about one busy).
 
 The defended step-81 run is also the rollback-then-crash test: it is killed with kill -9 just after its rollback
 and resumed with ``--resume_from_checkpoint auto``; the skipped data must stay skipped. A run from the same
@@ -33,6 +34,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ OFF = ["--skip_outlier_updates", "false", "--rollback_after", "0"]
 # A junk run continues the clean run's position from its checkpoint on the junk copy (same windows, other bytes),
 # which a resume refuses unless told; its rollback reloads that checkpoint too, so the whole run gets the flag.
 OTHER = ["--resume_on_other_data", "true"]
+TIMEOUT = 1800  # per run: two at a time on a busy 2-core machine (a hang still fails the test)
 
 
 def prepare(jsonl: Path) -> Path:
@@ -78,7 +81,8 @@ def skipped_steps(out: Path) -> list[int]:
 
 
 def train(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("train", *RECIPE, "--data_dir", str(data), "--output_dir", str(out), *extra, check=True)
+    return run_cli("train", *RECIPE, "--data_dir", str(data), "--output_dir", str(out), *extra, check=True,
+                   timeout=TIMEOUT)
 
 
 def defended_81_killed_after_its_rollback(data: Path, out: Path, prefix: Path) -> None:
@@ -97,38 +101,48 @@ def defended_81_killed_after_its_rollback(data: Path, out: Path, prefix: Path) -
         finally:
             if proc.poll() is None:
                 proc.kill()
-    run_cli(*args, "--resume_from_checkpoint", "auto", check=True)  # the resume: auto finds the latest checkpoint
+    run_cli(*args, "--resume_from_checkpoint", "auto", check=True, timeout=TIMEOUT)  # the resume: auto finds the latest checkpoint
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("junk")
-    clean_data = prepare(write_corpus(root / "clean" / "docs.jsonl", shared_data, None, TOKENS_PER_STEP,
-                                      JUNK_TOKENS, junk_at_end=True))
     out: dict[str, Any] = {"clean": root / "clean-run"}
-    train(clean_data, out["clean"])  # checkpoints at steps 40, 80 and 120 (the quickstart's checkpoint_steps)
-    for at in POSITIONS:
-        data = prepare(write_corpus(root / f"junk-{at}" / "docs.jsonl", shared_data, at, TOKENS_PER_STEP,
-                                    JUNK_TOKENS))
-        start = (at - 1) // CHECKPOINT_STEPS * CHECKPOINT_STEPS  # the newest clean checkpoint before the junk
-        defended, undefended = root / f"defended-{at}", root / f"undefended-{at}"
-        out[f"defended-{at}"], out[f"undefended-{at}"] = defended, undefended
-        if not start:
-            train(data, defended)
-            train(data, undefended, *OFF)
-            continue
-        clean_prefix = out["clean"] / "checkpoints" / f"step_{start:07d}"
-        prefix = defended / "checkpoints" / clean_prefix.name
-        shutil.copytree(clean_prefix, prefix)  # as if the defended run had saved it itself
-        if at == JUNK_AT:
-            defended_81_killed_after_its_rollback(data, defended, prefix)
-            # No rollback allowed: the same stretch stops the run (it ends at step 110, where the rollback would be).
-            out["limited_proc"] = run_cli("train", *RECIPE, "--data_dir", str(data), "--output_dir",
-                                          str(root / "limited"), "--resume_from_checkpoint", str(clean_prefix),
-                                          "--max_rollbacks", "0", *OTHER)
-        else:
-            train(data, defended, "--resume_from_checkpoint", str(prefix), *OTHER)
-        train(data, undefended, "--resume_from_checkpoint", str(clean_prefix), *OFF, *OTHER)
+    # Independent runs go two at a time: a run of this small model keeps about one of CI's two cores busy.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        corpora = {at: pool.submit(lambda at=at: prepare(write_corpus(
+            root / f"junk-{at}" / "docs.jsonl", shared_data, at, TOKENS_PER_STEP, JUNK_TOKENS))) for at in POSITIONS}
+        clean_data = prepare(write_corpus(root / "clean" / "docs.jsonl", shared_data, None, TOKENS_PER_STEP,
+                                          JUNK_TOKENS, junk_at_end=True))
+        # checkpoints at steps 40, 80 and 120 (the quickstart's checkpoint_steps)
+        clean_run = pool.submit(train, clean_data, out["clean"])
+        jobs = []
+        for at in POSITIONS:
+            data = corpora[at].result()
+            start = (at - 1) // CHECKPOINT_STEPS * CHECKPOINT_STEPS  # the newest clean checkpoint before the junk
+            defended, undefended = root / f"defended-{at}", root / f"undefended-{at}"
+            out[f"defended-{at}"], out[f"undefended-{at}"] = defended, undefended
+            if not start:
+                jobs += [pool.submit(train, data, defended), pool.submit(train, data, undefended, *OFF)]
+                continue
+            clean_run.result()
+            clean_prefix = out["clean"] / "checkpoints" / f"step_{start:07d}"
+            prefix = defended / "checkpoints" / clean_prefix.name
+            shutil.copytree(clean_prefix, prefix)  # as if the defended run had saved it itself
+            if at == JUNK_AT:
+                jobs.append(pool.submit(defended_81_killed_after_its_rollback, data, defended, prefix))
+                # No rollback allowed: the same stretch stops the run (it ends at step 110, where the rollback
+                # would be).
+                out["limited_proc"] = pool.submit(
+                    run_cli, "train", *RECIPE, "--data_dir", str(data), "--output_dir", str(root / "limited"),
+                    "--resume_from_checkpoint", str(clean_prefix), "--max_rollbacks", "0", *OTHER, timeout=TIMEOUT)
+            else:
+                jobs.append(pool.submit(train, data, defended, "--resume_from_checkpoint", str(prefix), *OTHER))
+            jobs.append(pool.submit(train, data, undefended, "--resume_from_checkpoint", str(clean_prefix), *OFF,
+                                    *OTHER))
+        for job in jobs:
+            job.result()  # a failed run fails the fixture
+        out["limited_proc"] = out["limited_proc"].result()
     return out
 
 
