@@ -113,15 +113,16 @@ def test_a_skipped_update_leaves_weights_and_optimizer_state_untouched() -> None
 
 
 def test_the_update_guard_skips_muon_on_the_device_as_the_trainer_applies_it() -> None:
-    """The real UpdateGuard, applied as the trainer does (``applied_to`` around ``step()``), on Muon: after 8
-    accepted steps fill its window, a finite step with 10x the gradient (a grad-norm outlier) and a NaN step are both
+    """The real UpdateGuard, applied as the trainer does (``applied_to`` around ``step()``), on Muon: after the
+    accepted steps fill its window (16, the smallest allowed), a finite step with 10x the gradient (a grad-norm outlier)
+    and a NaN step are both
     skipped (weights and Muon/AdamW state bit for bit), and the next normal step updates again."""
     from hf_gpt2_train.config import ResilienceConfig
     from hf_gpt2_train.resilience.guard import UpdateGuard
 
     cfg, model = tiny()
     opt = build_optimizer(model, cfg, CPU)
-    guard = UpdateGuard(ResilienceConfig(outlier_window=8), "skip", CPU)
+    guard = UpdateGuard(ResilienceConfig(outlier_window=16), "skip", CPU)
 
     def guarded_step(s: int, scale: float = 1.0) -> float:
         g = torch.Generator().manual_seed(s % 3)  # three batches in turn: a stable window
@@ -135,13 +136,13 @@ def test_the_update_guard_skips_muon_on_the_device_as_the_trainer_applies_it() -
         opt.zero_grad(set_to_none=True)
         return float(skip)
 
-    assert [guarded_step(s) for s in range(8)] == [0.0] * 8
-    for s, scale in ((8, 10.0), (9, math.nan)):
+    assert [guarded_step(s) for s in range(16)] == [0.0] * 16
+    for s, scale in ((16, 10.0), (17, math.nan)):
         weights, state = copy.deepcopy(model.state_dict()), _state(opt)
         assert guarded_step(s, scale) == 1.0
         assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
         assert _same(state, _state(opt))
-    assert guarded_step(10) == 0.0 and not _same(state, _state(opt))
+    assert guarded_step(18) == 0.0 and not _same(state, _state(opt))
 
 
 def test_grad_scale_is_honoured_like_fused_adamw() -> None:
