@@ -114,9 +114,9 @@ def test_a_skipped_update_leaves_weights_and_optimizer_state_untouched() -> None
 
 def test_the_update_guard_skips_muon_on_the_device_as_the_trainer_applies_it() -> None:
     """The real UpdateGuard, applied as the trainer does (``applied_to`` around ``step()``), on Muon: after the
-    accepted steps fill its window (16, the smallest allowed), a finite step with 10x the gradient (a grad-norm outlier)
-    and a NaN step are both
-    skipped (weights and Muon/AdamW state bit for bit), and the next normal step updates again."""
+    accepted steps fill its window (16, the smallest allowed), a finite step with 10x the gradient (a grad-norm
+    outlier) and a NaN step are both skipped (weights and Muon/AdamW state bit for bit), and the next normal step
+    updates again."""
     from hf_gpt2_train.config import ResilienceConfig
     from hf_gpt2_train.resilience.guard import UpdateGuard
 
