@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -72,7 +73,7 @@ PRECISION_SPECS: dict[str, dict[str, Any]] = {
     "fp8-ao-emulated": {"mixed_precision": "fp8", "fp8_backend": "ao", "fp8_emulate": True},
 }
 BENCH_ARGS = ("precisions", "steps", "warmup", "repeats", "output", "sequential", "ours_only")
-GPU_MEMORY_GIB = (24, 40, 80)  # the micro-batch table's cards (docs/benchmarks.md#memory)
+GPU_MEMORY_GIB = (24, 40, 80)  # the micro-batch table's cards (docs/benchmarks.md, Memory)
 
 
 @dataclass
@@ -200,7 +201,8 @@ def measure_memory(trainer: Any, gib: tuple[int, ...] = GPU_MEMORY_GIB) -> dict[
     loader = trainer.train_loader
     trainer.train_loader = _NearZeroBatches(loader.position, cfg.model.vocab_size)
     try:
-        with torch.compiler.set_stance("force_eager"), StepMemory(device) as base:
+        eager = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else nullcontext()
+        with eager, StepMemory(device) as base:
             trainer.train_step()
     finally:
         trainer.train_loader = loader
@@ -364,7 +366,7 @@ def format_table(doc: dict[str, Any]) -> str:
     def f(v: Any, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = (f"{'precision':22s} {'effective':16s} {'tok/s':>10s} {'plain tok/s':>11s} {'ms/step':>9s} "
+    head = (f"{'precision':16s} {'effective':16s} {'tok/s':>10s} {'plain tok/s':>11s} {'ms/step':>9s} "
             f"{'plain ms':>9s} {'overhead':>8s} {'MFU':>6s} {'peak GB':>8s} {'act GB':>7s} {'act B/tok':>9s} "
             f"{'fp8 cov':>7s}")
     lines = [f"bench on {doc['device']}: preset {doc['preset'] or '-'}, {doc['tokens_per_step']:,} tokens/step, "
@@ -372,12 +374,12 @@ def format_table(doc: dict[str, Any]) -> str:
     for name, r in doc["precisions"].items():
         if "skipped" in r or "failed" in r:
             status = "skipped" if "skipped" in r else "failed"
-            lines.append(f"{name:22s} {status}: {r[status]}")
+            lines.append(f"{name:16s} {status}: {r[status]}")
             continue
         p = r["plain"] or {}
-        lines.append(f"{name:22s} {r['effective_precision']:16s} {r['tokens_per_sec']:10,.0f} "
+        lines.append(f"{name:16s} {r['effective_precision']:16s} {r['tokens_per_sec']:10,.0f} "
                      f"{f(p.get('tokens_per_sec'), '11,.0f')} {r['step_time_ms']:9.1f} "
-                     f"{f(p.get('step_time_ms'), '9.1f')} {f(r['overhead_ratio'], '7.3f')}x {f(r['mfu'], '6.1%')} "
+                     f"{f(p.get('step_time_ms'), '9.1f')} {f(r['overhead_ratio'], '7.3f') + 'x' if r['overhead_ratio'] is not None else '-':>8s} {f(r['mfu'], '6.1%')} "
                      f"{f(r['peak_memory_gb'], '8.2f')} {f(r.get('activation_memory_gb'), '7.3f')} "
                      f"{f(r.get('activation_bytes_per_token'), '9,.0f')} "
                      f"{f(r['fp8_coverage'] if r['fp8_backend'] else None, '7.1%')}")

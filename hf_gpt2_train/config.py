@@ -88,7 +88,7 @@ class OptimConfig:
     total_batch_size: int = 524288
     """Tokens per optimizer step across all processes; gradient accumulation is derived from it."""
     per_device_train_batch_size: int | str = 64
-    """Micro-batch size (sequences) per process and forward pass; 'auto': on a GPU, the largest that fits and divides the batch, found before training (a resume keeps the checkpoint's; see docs/benchmarks.md#memory)."""
+    """Micro-batch size (sequences) per process and forward pass; 'auto': on a GPU, the largest that fits and divides the batch, found before training (a resume keeps the checkpoint's; see docs/benchmarks.md, Memory)."""
     seq_len: int = 1024
     """Tokens per training sequence."""
     on_nonfinite: str = "stop"

@@ -17,9 +17,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import resource
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,7 +33,7 @@ from hf_gpt2_train.config import PRESETS, Config, ConfigError, OptimConfig
 logger = logging.getLogger("hf_gpt2_train")
 
 # Share of a GPU's memory the micro-batch table may plan for: the rest is the CUDA context, the caching allocator's
-# fragmentation and evaluation (docs/benchmarks.md#memory).
+# fragmentation and evaluation (docs/benchmarks.md, Memory).
 USABLE_FRACTION = 0.92
 NEAR_ZERO_BATCH = (1, 8)  # sequences x tokens of the reference step: its activations are ~0
 
@@ -52,7 +56,8 @@ class StepMemory:
             from torch.profiler import ProfilerActivity, profile
 
             self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._prof.__enter__()
+            with _stderr_muted():  # kineto prints a "profiler_start" line on fd 2
+                self._prof.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -60,9 +65,24 @@ class StepMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._before
         elif self._prof is not None:
-            self._prof.__exit__(*exc)
+            with _stderr_muted():
+                self._prof.__exit__(*exc)
             if exc[0] is None:
                 self.peak_bytes = _profiled_cpu_peak(self._prof)
+
+
+@contextlib.contextmanager
+def _stderr_muted() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for a moment (C++ code writes there directly, past Python's sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _profiled_cpu_peak(prof: Any) -> int | None:
@@ -178,7 +198,7 @@ def resolve_micro_batch(cfg: Config, accelerator: Any, model: torch.nn.Module, o
         return info
     if accelerator.distributed_type == DistributedType.FSDP:
         raise ConfigError("--per_device_train_batch_size auto is not supported under FSDP (its forward communicates, "
-                          "so ranks cannot try sizes on their own): pass a number (docs/benchmarks.md#memory has "
+                          "so ranks cannot try sizes on their own): pass a number (docs/benchmarks.md, Memory, has "
                           "measured figures per preset)", every_process=True)
     module = accelerator.unwrap_model(model)  # DDP's forward would synchronise buffers across ranks
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -191,7 +211,6 @@ def resolve_micro_batch(cfg: Config, accelerator: Any, model: torch.nn.Module, o
         position[0] += 1
         return candidates[position[0]] if position[0] < len(candidates) else 0
 
-    @find_executable_batch_size(starting_batch_size=candidates[0], reduce_batch_size_fn=next_smaller)
     def fit(batch: int) -> int:
         tried.append(batch)
         passes = 2 if per_process // batch > 1 else 1
@@ -201,7 +220,9 @@ def resolve_micro_batch(cfg: Config, accelerator: Any, model: torch.nn.Module, o
     cuda = accelerator.device.type == "cuda"
     with torch.random.fork_rng(devices=[accelerator.device] if cuda else []):  # dropout's draws are not consumed
         try:
-            found = fit()
+            # The direct form: accelerate < 1.16's decorator form drops reduce_batch_size_fn (accelerate#4160).
+            found = find_executable_batch_size(fit, starting_batch_size=candidates[0],
+                                               reduce_batch_size_fn=next_smaller)()
         except RuntimeError as e:
             if "No executable batch size found" not in str(e):
                 raise

@@ -70,7 +70,7 @@ def test_every_mode_trains_and_resumes_with_the_losses_of_no_checkpointing(none_
         assert train_losses(out) == {s: ref[s] for s in (3, 4)}, mode
 
 
-HARNESS_HEADROOM_MB = 1200  # 16 and 8 sequences of 256 tokens do not fit in it, 4 do (docs/benchmarks.md#memory)
+HARNESS_HEADROOM_MB = 1200  # 16 and 8 sequences of 256 tokens do not fit in it, 4 do (docs/benchmarks.md, Memory)
 LIMITED = ["--n_positions", "256", "--seq_len", "256", "--total_batch_size", "4096", "--val_batches", "1"]
 
 
