@@ -100,7 +100,7 @@ class Trainer:
             prepare_model_for_precision,
         )
 
-        data_dir = resolve_data_dir(cfg.data)  # fails fast, before any output is written
+        data_dir = resolve_data_dir(cfg.data, dist)  # every shard checked, before any output is written
         self.enc = get_encoding(cfg.data.tokenizer_file)
         check_output_dir(self.output_dir, cfg.checkpoint.resume_from_checkpoint, dist)  # a file, read-only, a run
 
