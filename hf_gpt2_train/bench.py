@@ -28,6 +28,7 @@ import copy
 import datetime as dt
 import gc
 import math
+import shlex
 import statistics
 import sys
 import tempfile
@@ -303,7 +304,7 @@ def bench_precision(base: Config, name: str, mode: str, steps: int, warmup: int,
 
 def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repeats: int,
               sequential: bool = False, output: Path | None = None, modes: list[str] | None = None,
-              ours_only: bool = False) -> dict[str, Any]:
+              ours_only: bool = False, command: str | None = None) -> dict[str, Any]:
     """Benchmark each precision in each activation checkpointing mode (default: the config's); returns the JSON
     document (see docs/benchmarks.md for its fields). Rows are named by precision, ``PRECISION/MODE`` when several
     modes are measured.
@@ -334,7 +335,7 @@ def run_bench(cfg: Config, precisions: list[str], steps: int, warmup: int, repea
     cfg.validate(world_size=1)
     device = detect_device_type()
     doc: dict[str, Any] = {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "command": command,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} "
                   "threads",
         "preset": cfg.preset, "model": dict(vars(cfg.model)), "seq_len": cfg.optim.seq_len,
@@ -410,7 +411,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup >= 0 else (3 if on_gpu else 1)
     out = Path(args.output) if args.output else None
     doc = run_bench(cfg, precisions, steps, warmup, repeats, args.sequential, output=out, modes=modes,
-                    ours_only=args.ours_only)
+                    ours_only=args.ours_only, command=shlex.join(["hf-gpt2-train", *sys.argv[1:]]))
     print(format_table(doc))
     if out is not None:
         print(f"wrote {out}")
