@@ -163,7 +163,8 @@ class Trainer:
         o = cfg.optim
         self.train_loader = TrainLoader(data_dir, o.seq_len, o.per_device_train_batch_size, acc.process_index,
                                         acc.num_processes, cfg.run.seed, cfg.data.shuffle,
-                                        pin_memory=acc.device.type == "cuda")
+                                        pin_memory=acc.device.type == "cuda",
+                                        other_data_ok=cfg.data.resume_on_other_data)
         acc.register_for_checkpointing(self.state)  # custom_checkpoint_0
         acc.register_for_checkpointing(self.train_loader)  # custom_checkpoint_1
         self.val_batches = val_batches(data_dir, o.seq_len, o.per_device_train_batch_size, cfg.data.val_batches,

@@ -287,6 +287,15 @@ def test_loader_state_refuses_other_data_and_accepts_a_moved_copy(fmt: str, pris
         m["shards"][3].update(shard_entry(p))
         (same_shape / "manifest.json").write_text(json.dumps(m))
         assert f"{p.name} holds other bytes (checksum" in refused(same_shape)
+        assert "--resume_on_other_data true" in refused(same_shape)
+        # Asked for: the same number of windows continues the position on the other bytes ...
+        cont = TrainLoader(same_shape, 64, 4, 0, 1, seed=0, shuffle=True, other_data_ok=True)
+        cont.load_state_dict(state)
+        assert (cont.epoch, cont.cursor) == (state["epoch"], state["cursor"]) and \
+            cont.window_indices(0, 4).tolist() == loader.window_indices(0, 4).tolist()
+        # ... but other data of another length cannot hold it: refused, naming the window counts.
+        with pytest.raises(ConfigError, match="the position cannot continue"):
+            TrainLoader(other, 64, 4, 0, 1, seed=0, shuffle=True, other_data_ok=True).load_state_dict(state)
     else:
         shutil.copytree(pristine[fmt], other)
         p = shard_files(other)[3]

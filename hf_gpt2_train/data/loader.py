@@ -147,7 +147,7 @@ class TrainLoader:
     """This rank's micro-batches of the training split (see the module docstring for the semantics)."""
 
     def __init__(self, data_dir: Path, seq_len: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool, pin_memory: bool = False):
+                 shuffle: bool, pin_memory: bool = False, other_data_ok: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.data_dir = Path(data_dir)
@@ -156,6 +156,8 @@ class TrainLoader:
         self.seed, self.shuffle = seed, shuffle
         self.pin_memory = pin_memory
         """Return batches in page-locked memory (for CUDA: the trainer sets it when the device is a GPU)."""
+        self.other_data_ok = other_data_ok
+        """A resume may continue the position on other data with as many windows (--resume_on_other_data)."""
         shards = check_data_dir(self.data_dir)  # sizes and headers (resolve_data_dir checked the bytes)
         self.data = shards.identity()
         """What the data is (shard names, token counts, checksums), kept in the state: a resume checks it."""
@@ -236,7 +238,14 @@ class TrainLoader:
         diff = identity_difference(d["data"], self.data) if d.get("data") else None
         if diff is None and d.get("train_tokens") != self.stream.total:
             diff = f"it has {self.stream.total:,} training tokens, the run's data had {d.get('train_tokens'):,}"
-        if diff:
+        if diff and self.other_data_ok and d.get("num_windows") == self.num_windows:
+            log.warning("resuming on other data (--resume_on_other_data): %s; the position continues", diff)
+        elif diff:
+            if self.other_data_ok:
+                fix = (f"it has {self.num_windows:,} training windows of --seq_len {self.seq_len}, the run's data had "
+                       f"{d.get('num_windows'):,}, so the position cannot continue: start a new --output_dir")
+            else:
+                fix += " (or pass --resume_on_other_data true to continue the position on this data)"
             raise ConfigError(f"--data_dir {self.data_dir} is not the data the checkpoint was trained on: {diff}: "
                               f"{fix}", every_process=True)
         if d.get("seed") != self.seed or d.get("shuffle") != self.shuffle:
