@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import REPO
 
 STEPS = ["env", "data", "bench_gpt2", "bench_gpt2_large", "train_resume", "fsdp2", "bench_gpt2_real_vocab_logits",
-         "bench_gpt2_fp8_lm_head"]
+         "bench_gpt2_fp8_lm_head", "memory_modes"]
 
 
 @pytest.mark.slow
@@ -48,5 +48,9 @@ def test_dry_run_writes_every_step_ok(tmp_path):
     assert resume["bitwise_equal"] and resume["compile"] is True and resume["final_loss"] < resume["first_loss"]
     export = steps["fsdp2"]["result"]
     assert export["class"] == "GPT2LMHeadModel" and export["vocab_size"] == 50257 and export["loss_on_text"] < 11.5
+    memory = steps["memory_modes"]["result"]["presets"]["quickstart"]["modes"]
+    assert set(memory) == {"none", "full", "selective"}
+    assert memory["full"]["activation_memory_gb"] < memory["none"]["activation_memory_gb"]
+    assert memory["full"]["losses"] == memory["none"]["losses"] == memory["selective"]["losses"]
     summary = (out / "gpu_check.md").read_text()
     assert "dry run" in summary and all(f"| {n} | ok |" in summary for n in STEPS)
