@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 from typing import Any
 
-from hf_gpt2_train import is_launch_rank_0
 from hf_gpt2_train.config import SECTIONS, ConfigError, build_config, field_docs, parse_bool
 
 # The original system's flags, kept working: alias -> (field, value or None to take the given value).
@@ -28,7 +28,7 @@ ALIASES: dict[str, tuple[str, Any]] = {
 
 # Modules that own a subcommand (each has register_cli(subparsers)), in --help order.
 SUBCOMMAND_MODULES = ("hf_gpt2_train.data.prepare", "hf_gpt2_train.evaluate", "hf_gpt2_train.checkpoint",
-                      "hf_gpt2_train.hub", "hf_gpt2_train.bench")
+                      "hf_gpt2_train.hub", "hf_gpt2_train.bench", "hf_gpt2_train.data.verify")
 # Modules that import numpy/torch at the top -> (subcommand, its one-line help). They are imported only when
 # their subcommand is the one being run; otherwise a stub with the same help keeps it in `--help`.
 HEAVY_SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -138,6 +138,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from hf_gpt2_train.errors import (
         EXIT_NONFINITE,
+        EXIT_PEER_LOST,
         EXIT_SPIKE,
         CheckpointSaveError,
         NonFiniteLossError,
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except ConfigError as e:
-        if is_launch_rank_0() or not e.every_process:  # the same error on every rank is printed once
+        # The same error on every rank is printed once per node (each node of a cluster has its own console).
+        if not e.every_process or int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
             print(f"hf-gpt2-train: error: {e}", file=sys.stderr)
         code = 2
     except NonFiniteLossError as e:
@@ -160,4 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointSaveError as e:
         print(f"hf-gpt2-train: checkpoint not saved (earlier checkpoints are intact): {e}", file=sys.stderr)
         code = 1
+    except RuntimeError as e:  # a collective failed because another process (node) is gone: one line, exit 6
+        from hf_gpt2_train.resilience.peers import lost_peer_message
+
+        if (message := lost_peer_message(e)) is None:
+            raise
+        print(f"hf-gpt2-train: training stopped: {message}", file=sys.stderr)
+        code = EXIT_PEER_LOST
     sys.exit(code or 0)

@@ -63,6 +63,10 @@ class DataConfig:
     """Number of fixed validation micro-batches (per process) for val_loss."""
     tokenizer_file: str = ""
     """Another GPT-2 vocabulary file (gpt2.tiktoken ranks); default: the one shipped in the package."""
+    verify_data_checksums: bool = True
+    """Before training, compare every shard's bytes with the xxh3_128 checksum prepare-data recorded (once per copy of the data: later starts see it unchanged and skip it); sizes and headers are always checked."""
+    resume_on_other_data: bool = False
+    """Resume from a checkpoint on data other than the run's (a cleaned or re-mixed copy with the same number of training windows): the stream position, seed and skipped ranges carry over, with a warning naming the difference. Off: such a resume is refused."""
 
 
 @dataclass

@@ -6,16 +6,30 @@ is being resumed. Writability is proven by writing (and deleting) a probe file: 
 nothing to root, and read-only mounts only show on a write.
 
 The main process decides (it is the only one that writes there) and the other processes of a launch
-receive its verdict, so every rank stops at the same point with the same error, printed once.
+receive its verdict, so every rank stops at the same point with the same error, printed once per node.
+
+**One folder every node sees.** A checkpoint is written by several processes into one folder (every rank its
+``random_states_<rank>.pkl``, under FSDP its shards) and must be readable by every process on resume, so a
+multi-node run needs ``--output_dir`` on a filesystem all nodes share. ``shared_folder_problem`` proves it
+before anything is written: the main process creates a marker file with a random name, and every process looks
+for it (for up to ``SHARED_WAIT_S``: network filesystems may show a new file late). A node-local folder (each
+node its own disk at the same path) is refused on every node with one line, never found out at the first
+resume.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import socket
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from hf_gpt2_train.config import ConfigError
+
+SHARED_WAIT_S = 10.0  # how long a process looks for the main process's marker before calling the folder unshared
 
 
 def output_dir_problem(output_dir: Path, resume: str | None) -> str | None:
@@ -57,5 +71,45 @@ def check_output_dir(output_dir: Path, resume: str | None, state: Any) -> None:
         from accelerate.utils import broadcast_object_list
 
         problem = broadcast_object_list([problem], from_process=0)[0]
+        problem = problem or shared_folder_problem(output_dir, state)
     if problem:
         raise ConfigError(problem, every_process=True)
+
+
+def _sees(marker: Path, wait_s: float) -> bool:
+    """Whether ``marker`` shows up within ``wait_s`` (listing the folder revalidates NFS's cached view)."""
+    end = time.monotonic() + wait_s
+    while True:
+        try:
+            if marker.name in os.listdir(marker.parent):
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.25)
+
+
+def shared_folder_problem(output_dir: Path, state: Any, wait_s: float | None = None) -> str | None:
+    """Why ``output_dir`` is not one folder shared by every process of the launch (one line), or None.
+
+    Collective: every process calls it. The main process writes a marker, all look for it, the verdicts are
+    gathered (so every rank returns the same answer) and the marker is removed.
+    """
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    marker = None
+    if state.is_main_process:
+        marker = output_dir / f".hf-gpt2-train-shared-{uuid.uuid4().hex}"
+        marker.write_bytes(b"")
+    name, main_host = broadcast_object_list([marker.name if marker else None, socket.gethostname()],
+                                            from_process=0)
+    seen = _sees(output_dir / name, SHARED_WAIT_S if wait_s is None else wait_s)
+    blind = sorted({host for ok, host in gather_object([(seen, socket.gethostname())]) if not ok})
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+    if not blind:
+        return None
+    return (f"--output_dir {output_dir} is not shared: node(s) {', '.join(blind)} do not see the files the main "
+            f"process (on {main_host}) writes there, and a checkpoint "
+            "must be readable by every node; put --output_dir on a filesystem all nodes mount (NFS, Lustre, GPFS, ...)")

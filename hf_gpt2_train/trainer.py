@@ -95,7 +95,7 @@ class Trainer:
             prepare_model_for_precision,
         )
 
-        data_dir = resolve_data_dir(cfg.data)  # fails fast, before any output is written
+        data_dir = resolve_data_dir(cfg.data, dist)  # every shard checked, before any output is written
         self.enc = get_encoding(cfg.data.tokenizer_file)
         check_output_dir(self.output_dir, cfg.checkpoint.resume_from_checkpoint, dist)  # a file, read-only, a run
 
@@ -148,7 +148,8 @@ class Trainer:
         o = cfg.optim
         self.train_loader = TrainLoader(data_dir, o.seq_len, o.per_device_train_batch_size, acc.process_index,
                                         acc.num_processes, cfg.run.seed, cfg.data.shuffle,
-                                        pin_memory=acc.device.type == "cuda")
+                                        pin_memory=acc.device.type == "cuda",
+                                        other_data_ok=cfg.data.resume_on_other_data)
         acc.register_for_checkpointing(self.state)  # custom_checkpoint_0
         acc.register_for_checkpointing(self.train_loader)  # custom_checkpoint_1
         self.val_batches = val_batches(data_dir, o.seq_len, o.per_device_train_batch_size, cfg.data.val_batches,

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -152,8 +153,11 @@ def test_light_commands_import_neither_torch_nor_transformers_and_beat_import_to
     final.mkdir(parents=True)
     (final / "model.safetensors").write_bytes(b"\0" * 1024)
     seal(final, {"step": 3, "tokens_seen": 3072})
+    data = tmp_path / "data"  # an llm.c shard: magic, version, 16 tokens
+    data.mkdir()
+    (data / "tiny_train.bin").write_bytes(struct.pack("<256i", 20240520, 1, 16, *[0] * 253) + bytes(32))
     commands = [["--help"], ["train", "--help"], ["presets"], ["checkpoints", "list", str(tmp_path / "run")],
-                ["checkpoints", "verify", str(final)]]
+                ["checkpoints", "verify", str(final)], ["data", "verify", str(data), "--checksums"]]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     torch_s = _seconds([sys.executable, "-c", "import torch"], env)
     for args in commands:

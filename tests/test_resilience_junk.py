@@ -84,7 +84,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict[st
                 proc.kill()
     run_cli(*args, check=True)  # the resume: auto finds the latest checkpoint
     out: dict[str, Any] = {"defended": defended, "junk_data": junk}
-    for name, data, extra in (("clean", clean, []),
+    # The clean counterfactual resumes the junk run's prefix on the clean copy (same windows, other bytes).
+    for name, data, extra in (("clean", clean, ["--resume_on_other_data", "true"]),
                               ("undefended", junk, ["--skip_outlier_updates", "false", "--rollback_after", "0"])):
         out[name] = root / name
         run_cli("train", *RECIPE, "--data_dir", str(data), "--output_dir", str(out[name]), "--resume_from_checkpoint",

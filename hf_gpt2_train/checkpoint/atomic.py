@@ -198,25 +198,36 @@ def check_sizes(folder: Path, manifest: dict[str, Any]) -> None:
             raise CheckpointInvalid(f"{rel} has {size} bytes, the manifest says {meta.get('size')}")
 
 
-def check_hashes(folder: Path, manifest: dict[str, Any], only: list[str] | None = None) -> None:
-    """Every file's checksum (or each chunk's) matches the manifest, with the algorithm its entry records;
-    reads every byte, with all chunks of all files hashed in parallel. ``only``: check just these files."""
+def hash_mismatches(folder: Path, manifest: dict[str, Any], only: list[str] | None = None) -> dict[str, str]:
+    """Files whose checksum (or a chunk's) differs from the manifest, with why (``{rel: "does not match ..."}``,
+    in manifest order; empty: all match). Reads every byte, all chunks of all files hashed in parallel, with the
+    algorithm each entry records. ``only``: check just these files. Also used for token shards (data/verify.py)."""
     tasks = []
     for rel, meta in manifest["files"].items():
         if only is None or rel in only:
             algorithm, pieces = _expected_digests(rel, meta)
             tasks += [(rel, algorithm, start, length, digest) for start, length, digest in pieces]
+    bad: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=_workers(len(tasks))) as pool:
         results = [(t, pool.submit(digest_file, folder / t[0], t[1], t[2], t[3])) for t in tasks]
         for (rel, algorithm, start, length, expected), fut in results:
             try:
                 digest = fut.result()
             except OSError as e:
-                raise CheckpointInvalid(f"{rel} is unreadable ({e})") from None
-            if digest != expected:
+                bad.setdefault(rel, f"is unreadable ({e})")
+                continue
+            if digest != expected and rel not in bad:
                 where = "" if length is None else f" in bytes {start}-{start + length - 1}"
-                raise CheckpointInvalid(f"{rel} does not match its checksum ({algorithm} {digest[:12]}...{where}, "
-                                        f"the manifest says {expected[:12]}...)")
+                bad[rel] = (f"does not match its checksum ({algorithm} {digest[:12]}...{where}, the manifest says "
+                            f"{expected[:12]}...)")
+    return bad
+
+
+def check_hashes(folder: Path, manifest: dict[str, Any], only: list[str] | None = None) -> None:
+    """Every file's checksum (or each chunk's) matches the manifest (``hash_mismatches``), else
+    CheckpointInvalid naming the first file that does not."""
+    for rel, reason in hash_mismatches(folder, manifest, only).items():
+        raise CheckpointInvalid(f"{rel} {reason}")
 
 
 @dataclass

@@ -21,7 +21,8 @@ signal are durable when ``maybe_save`` returns. A failed background write raises
 the next save (or the end of the run) on every rank.
 
 Multi-process runs: every rank writes its own ``random_states_<rank>.pkl`` into the same temp folder, so
-``OUTPUT_DIR`` must be on a filesystem all nodes share (as for any Accelerate multi-node checkpoint).
+``OUTPUT_DIR`` must be on a filesystem all nodes share (as for any Accelerate multi-node checkpoint; checked at
+start by ``outdir.shared_folder_problem``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ The texts differ slightly between Python versions, so the prepared shards live i
 named after a hash of the texts: ``$HF_GPT2_TRAIN_CACHE/embedded/<key>`` (default cache root
 ``~/.cache/hf_gpt2_train``). They are prepared on first use into a temporary sibling folder that is
 renamed into place when complete, so concurrent first uses (one per rank) and an interrupted first use
-are both safe: a reader only ever sees a complete folder.
+are both safe: a reader only ever sees a complete folder. A prepared folder whose shards were damaged since
+(data/verify.py) is moved aside and prepared again: it is a cache.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from hf_gpt2_train.data.shards import FORMAT_VERSION, read_manifest
+from hf_gpt2_train.data.shards import FORMAT_VERSION, read_manifest, scan, shard_checksum
 from hf_gpt2_train.data.tokenizer import GPT2_VOCAB_HASH
 
 EMBEDDED_VAL_TOKENS = 20_000
@@ -56,6 +57,28 @@ def _is_complete(d: Path) -> bool:
     return bool(m and m.get("complete"))
 
 
+def _is_intact(d: Path) -> bool:
+    """Every shard of a prepared folder matches its manifest: sizes, headers and checksums (~280 KB to read)."""
+    from hf_gpt2_train.checkpoint.atomic import hash_mismatches
+
+    shards = scan(d)
+    files = {s.path.name: s.entry for s in shards.shards if shard_checksum(s.entry)}
+    return not shards.damaged and not hash_mismatches(d, {"files": files})
+
+
+def _discard(d: Path, inode: int) -> None:
+    """Move the damaged prepared folder ``d`` (the one with ``inode``: not a new one another process already made
+    in its place) out of the way, atomically: concurrent processes may find it damaged too."""
+    trash = d.parent / f".trash-{uuid.uuid4().hex[:8]}"
+    try:
+        if d.stat().st_ino != inode:
+            return
+        os.rename(d, trash)
+    except OSError:
+        return  # another process moved it first
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _remove_stale_temps(parent: Path) -> None:
     """Delete temp folders left by a first use that was killed on this host (its pid no longer runs)."""
     host = socket.gethostname()
@@ -78,7 +101,10 @@ def ensure_embedded(tokenizer_file: str = "", root: Path | None = None) -> Path:
     parent = (root or cache_root()) / "embedded"
     final = parent / embedded_key()
     if _is_complete(final):
-        return final
+        checked = final.stat().st_ino
+        if _is_intact(final):
+            return final
+        _discard(final, checked)
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(parent)
     tmp = parent / f".tmp-{socket.gethostname().replace('-', '_')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -30,7 +30,9 @@ boundaries, which stay boundaries for any world size with the same global batch.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +40,51 @@ import numpy as np
 import torch
 
 from hf_gpt2_train.config import ConfigError, DataConfig
-from hf_gpt2_train.data.shards import ShardSet, TokenStream, scan
+from hf_gpt2_train.data.shards import ShardSet, TokenStream
+from hf_gpt2_train.data.verify import check_data_dir, identity_difference
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-def resolve_data_dir(cfg: DataConfig) -> Path:
-    """The shard folder to train on; ``""`` prepares the embedded corpus once into the cache.
+def resolve_data_dir(cfg: DataConfig, state: Any = None) -> Path:
+    """The shard folder to train on, every shard checked (data/verify.py); ``""`` prepares the embedded corpus once
+    into the cache.
 
-    Raises ConfigError (naming the fix) for a missing or empty folder, an unfinished preparation,
-    shards made with another tokenizer, or a folder without training tokens.
+    Raises ConfigError (naming the fix) for a missing or empty folder, an unfinished preparation, shards made
+    with another tokenizer, a damaged shard, or a folder without training tokens. ``state``: the launch's
+    ``PartialState``; with several processes each checks what it sees (sizes on every process, checksums on one
+    per machine) and all stop together on the first problem any of them found, printed once.
     """
-    if cfg.data_dir:
-        root = Path(cfg.data_dir).expanduser()
-    else:
-        from hf_gpt2_train.data.embedded import ensure_embedded
+    problem, identity, root = None, None, Path(cfg.data_dir).expanduser()
+    try:
+        if not cfg.data_dir:
+            from hf_gpt2_train.data.embedded import ensure_embedded
 
-        root = ensure_embedded(cfg.tokenizer_file)
-    shards = scan(root)
-    if shards.tokens("train") == 0:
-        raise ConfigError(f"data dir {root} has no training tokens (only {shards.tokens('val'):,} val tokens): "
-                          "prepare it again with a smaller --val_tokens or add train shards")
+            root = ensure_embedded(cfg.tokenizer_file)
+        hashing = cfg.verify_data_checksums and (state is None or state.is_local_main_process)
+        shards = check_data_dir(root, checksums=hashing)
+        if shards.tokens("train") == 0:
+            raise ConfigError(f"data dir {root} has no training tokens (only {shards.tokens('val'):,} val tokens): "
+                              "prepare it again with a smaller --val_tokens or add train shards")
+        identity = hashlib.sha256(json.dumps(shards.identity()).encode()).hexdigest()
+    except ConfigError as e:
+        if state is None or state.num_processes == 1:
+            raise
+        problem = str(e)
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        views = gather_object([(problem, identity, socket.gethostname())])
+        first = next((v for v in views if v[0]), None)
+        if first is not None:
+            problem = first[0] if first[2] == views[0][2] else f"on {first[2]}: {first[0]}"
+        elif any(v[1] != views[0][1] for v in views):  # machines with copies of their own that differ
+            other = next(v for v in views if v[1] != views[0][1])[2]
+            problem = (f"the processes read different data from {root}: {views[0][2]} and {other} see other shards "
+                       f"(compare `hf-gpt2-train data verify {root}` on both): give every machine the same copy")
+        if problem:
+            raise ConfigError(problem, every_process=True)
     return root
 
 
@@ -122,7 +147,7 @@ class TrainLoader:
     """This rank's micro-batches of the training split (see the module docstring for the semantics)."""
 
     def __init__(self, data_dir: Path, seq_len: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool, pin_memory: bool = False):
+                 shuffle: bool, pin_memory: bool = False, other_data_ok: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.data_dir = Path(data_dir)
@@ -131,7 +156,12 @@ class TrainLoader:
         self.seed, self.shuffle = seed, shuffle
         self.pin_memory = pin_memory
         """Return batches in page-locked memory (for CUDA: the trainer sets it when the device is a GPU)."""
-        self.stream, self.num_windows = _split_stream(scan(self.data_dir), "train", seq_len)
+        self.other_data_ok = other_data_ok
+        """A resume may continue the position on other data with as many windows (--resume_on_other_data)."""
+        shards = check_data_dir(self.data_dir)  # sizes and headers (resolve_data_dir checked the bytes)
+        self.data = shards.identity()
+        """What the data is (shard names, token counts, checksums), kept in the state: a resume checks it."""
+        self.stream, self.num_windows = _split_stream(shards, "train", seq_len)
         if self.num_windows < 1:
             raise ConfigError(f"the training split of {self.data_dir} has {self.stream.total} tokens, fewer than "
                               f"seq_len+1 = {seq_len + 1}: use more data or a smaller --seq_len")
@@ -193,14 +223,31 @@ class TrainLoader:
         """The global position (no rank or world size in it) plus what must match on resume."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
                 "shuffle": self.shuffle, "seq_len": self.seq_len, "num_windows": self.num_windows,
-                "train_tokens": self.stream.total, "skipped": [list(r) for r in self.skipped]}
+                "train_tokens": self.stream.total, "skipped": [list(r) for r in self.skipped], "data": self.data}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Continue the saved stream: position, seed and shuffle come from ``d`` (the saved order wins)."""
-        if d.get("seq_len") != self.seq_len or d.get("train_tokens") != self.stream.total:
-            raise ConfigError(f"the checkpoint's data position is for {d.get('train_tokens')} training tokens at "
-                              f"seq_len {d.get('seq_len')}, but {self.data_dir} has {self.stream.total} tokens at "
-                              f"seq_len {self.seq_len}: resume with the run's original --data_dir and --seq_len")
+        """Continue the saved stream: position, seed and shuffle come from ``d`` (the saved order wins).
+
+        ConfigError (the same on every process) when ``d`` was saved with another --seq_len or other data: other
+        shards, token counts or (where both record checksums) bytes; the same files in another folder are the
+        same data. States saved before the data's identity was kept are checked by token count."""
+        fix = "resume with the run's own data (the same files; another folder is fine) or start a new --output_dir"
+        if d.get("seq_len") != self.seq_len:
+            raise ConfigError(f"the checkpoint's data position is for --seq_len {d.get('seq_len')}, not "
+                              f"{self.seq_len}: resume with the run's original --seq_len", every_process=True)
+        diff = identity_difference(d["data"], self.data) if d.get("data") else None
+        if diff is None and d.get("train_tokens") != self.stream.total:
+            diff = f"it has {self.stream.total:,} training tokens, the run's data had {d.get('train_tokens'):,}"
+        if diff and self.other_data_ok and d.get("num_windows") == self.num_windows:
+            log.warning("resuming on other data (--resume_on_other_data): %s; the position continues", diff)
+        elif diff:
+            if self.other_data_ok:
+                fix = (f"it has {self.num_windows:,} training windows of --seq_len {self.seq_len}, the run's data had "
+                       f"{d.get('num_windows'):,}, so the position cannot continue: start a new --output_dir")
+            else:
+                fix += " (or pass --resume_on_other_data true to continue the position on this data)"
+            raise ConfigError(f"--data_dir {self.data_dir} is not the data the checkpoint was trained on: {diff}: "
+                              f"{fix}", every_process=True)
         if d.get("seed") != self.seed or d.get("shuffle") != self.shuffle:
             log.warning("data order continues with the checkpoint's seed=%s shuffle=%s (not seed=%s shuffle=%s)",
                         d.get("seed"), d.get("shuffle"), self.seed, self.shuffle)
@@ -222,7 +269,7 @@ def val_batches(data_dir: Path, seq_len: int, micro_batch_size: int, n_batches: 
     """
     if n_batches <= 0:
         return []
-    shards = scan(Path(data_dir))
+    shards = check_data_dir(Path(data_dir))
     stream, n = _split_stream(shards, "val", seq_len)
     per_round = world_size * micro_batch_size
     if not shards.split("val"):

@@ -16,7 +16,13 @@ shards, 100M val tokens) this is build-nanogpt's rule (its shard 0 is val).
 the start of the current tokenizer chunk, the documents of that chunk already done and the tokens
 already taken from the next one. A re-run with the same arguments (after Ctrl-C, kill -9, a crash)
 keeps the finished shards, restores that position and produces exactly the files an uninterrupted run
-would have produced. Tokenisation runs in ``--num_proc`` processes over chunks of documents; results are
+would have produced.
+
+**Repair.** Each shard's entry also records its size, its xxh3_128 checksum and its own start
+(``shard_writer.py``). A re-run first checks every finished shard (sizes, headers, every byte against its
+checksum) and re-makes the damaged or missing ones in place from their starts, each checked against its
+recorded checksum (another result means the source changed: an error, nothing replaced); the intact shards
+are kept. Folders prepared before starts were recorded are replayed from the beginning of the stream. Tokenisation runs in ``--num_proc`` processes over chunks of documents; results are
 consumed in submission order, so the output does not depend on the number of processes.
 """
 
@@ -36,16 +42,11 @@ from typing import Any
 import numpy as np
 
 from hf_gpt2_train.config import ConfigError
-from hf_gpt2_train.data.shards import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST,
-    read_manifest,
-    shard_name,
-    write_npy_atomic,
-)
+from hf_gpt2_train.data.shard_writer import INITIAL, ShardWriter
+from hf_gpt2_train.data.shards import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
 from hf_gpt2_train.data.sources import DocSource, open_source
 from hf_gpt2_train.data.tokenizer import EOT, get_encoding, vocab_hash
+from hf_gpt2_train.data.verify import damaged_shards
 from hf_gpt2_train.fsio import write_json_atomic
 
 DEFAULT_SOURCE = "HuggingFaceFW/fineweb-edu"
@@ -124,27 +125,35 @@ def tokenize_docs(docs: list[str], enc: Any = None) -> tuple[np.ndarray, np.ndar
 class _Chunk:
     state: dict[str, Any] | None  # source position at the chunk's first document
     docs: list[str]
+    skipped: int = 0  # documents at the chunk's start done before a resume (counted, not in docs)
 
 
 def _chunks(source: DocSource, start: dict[str, Any] | None, skip_docs: int) -> Iterator[_Chunk]:
-    """Chunks of documents, each tagged with the source position of its first document."""
+    """Chunks of documents, each tagged with the source position of its first document.
+
+    After a resume the first chunk is the one the resume point lies in, its first ``skip_docs`` documents
+    skipped but counted, so the chunks, and the resume points recorded in them (a shard's ``start``), are
+    those of an uninterrupted run."""
     gen = source.docs(start)
-    state = start
+    state, chars = start, 0
     for _ in range(skip_docs):  # documents of the resume chunk that were already done
-        if next(gen, None) is None:
+        d = next(gen, None)
+        if d is None:
             return
-        state = source.state()
+        chars += len(d)
     docs: list[str] = []
-    chars = 0
+    skipped = skip_docs
+    if skipped >= CHUNK_DOCS or chars >= CHUNK_CHARS:  # the resume point is the end of its chunk
+        state, chars, skipped = source.state(), 0, 0
     for d in gen:
         docs.append(d)
         chars += len(d)
-        if len(docs) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
-            yield _Chunk(state, docs)
+        if skipped + len(docs) >= CHUNK_DOCS or chars >= CHUNK_CHARS:
+            yield _Chunk(state, docs, skipped)
             state = source.state()
-            docs, chars = [], 0
+            docs, chars, skipped = [], 0, 0
     if docs:
-        yield _Chunk(state, docs)
+        yield _Chunk(state, docs, skipped)
 
 
 def _tokenized(chunks: Iterator[_Chunk], num_proc: int, tokenizer_file: str
@@ -219,78 +228,7 @@ def _open_output(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
         raise ConfigError(f"--output_dir {out} holds shards prepared with other settings "
                           f"({_differences(m.get('settings', {}), settings)}): choose a new --output_dir, or repeat "
                           "the original command to finish it (nothing was changed)")
-    for s in m["shards"]:
-        p = out / s["file"]
-        if not p.is_file():
-            raise ConfigError(f"shard {p} listed in the manifest is missing: remove {out} and prepare again")
     return m
-
-
-class _Writer:
-    """Cuts the token stream into val/train shards and records a resume point after each one."""
-
-    def __init__(self, out: Path, manifest: dict[str, Any], val_tokens: int, shard_size: int, max_tokens: int):
-        self.out, self.m = out, manifest
-        self.val_tokens, self.shard_size = val_tokens, shard_size
-        self.limit = max_tokens or None
-        r = manifest["resume"]
-        self.pos: int = r["tokens"]  # stream position of the next token
-        self.docs: int = r["documents"]
-        self.buf = np.empty(shard_size, dtype=np.uint16)
-        self.fill = 0
-        self.count = {sp: sum(1 for s in manifest["shards"] if s["split"] == sp) for sp in ("val", "train")}
-
-    @property
-    def done(self) -> bool:
-        return self.limit is not None and self.pos >= self.limit
-
-    def _room(self) -> int:
-        room = self.shard_size - self.fill
-        if self.pos < self.val_tokens:
-            room = min(room, self.val_tokens - self.pos)
-        if self.limit is not None:
-            room = min(room, self.limit - self.pos)
-        return room
-
-    def _flush(self, resume: dict[str, Any] | None) -> None:
-        split = "val" if self.pos - self.fill < self.val_tokens else "train"
-        name = shard_name(split, self.count[split])
-        write_npy_atomic(self.out / name, self.buf[: self.fill])
-        self.m["shards"].append({"file": name, "split": split, "tokens": self.fill,
-                                 "stream_offset": self.pos - self.fill})
-        self.count[split] += 1
-        self.fill = 0
-        self.m["tokens"][split] += self.m["shards"][-1]["tokens"]
-        self.m["documents"] = self.docs
-        if resume is not None:
-            self.m["resume"] = resume
-            write_json_atomic(self.out / MANIFEST, self.m)
-
-    def add(self, chunk: _Chunk, tokens: np.ndarray, lens: np.ndarray, first: int) -> None:
-        """Append ``tokens[first:]`` (``first``: tokens of the chunk's first doc written before a resume)."""
-        ends = np.cumsum(lens)
-        starts = ends - lens
-        off = first
-        docs_before = self.docs - int(first > 0)  # documents started before this chunk
-        while off < len(tokens) and not self.done:
-            n = min(self._room(), len(tokens) - off)
-            self.buf[self.fill:self.fill + n] = tokens[off:off + n]
-            self.fill += n
-            off += n
-            self.pos += n
-            self.docs = docs_before + int(np.searchsorted(starts, off, side="left"))
-            if self.fill == self.shard_size or self.pos == self.val_tokens or self.done:
-                k = int(np.searchsorted(ends, off, side="right"))  # documents of this chunk fully written
-                t = off - (int(ends[k - 1]) if k else 0)
-                self._flush({"tokens": self.pos, "documents": self.docs, "source_state": chunk.state,
-                             "skip_docs": k, "skip_tokens": t})
-
-    def finish(self) -> None:
-        if self.fill:
-            self._flush(None)
-        self.m["complete"] = True
-        self.m["resume"] = None
-        write_json_atomic(self.out / MANIFEST, self.m)
 
 
 def run_prepare(args: PrepareArgs, source: DocSource | None = None) -> Path:
@@ -317,6 +255,11 @@ def run_prepare(args: PrepareArgs, source: DocSource | None = None) -> Path:
     m = _open_output(out, settings)
     if m is None:
         source.check()  # a wrong --text_field etc. fails here, before the output folder exists
+    num_proc = args.num_proc or os.cpu_count() or 1
+    if m is not None:
+        for t in out.glob("*.tmp"):  # a shard or manifest a killed run was writing
+            t.unlink()
+        _repair(args, out, m, source, val_tokens, num_proc)
     if m is not None and m.get("complete"):
         _say(args, f"{out} is already complete ({m['tokens']['train']:,} train + {m['tokens']['val']:,} val tokens)")
         return out
@@ -324,37 +267,13 @@ def run_prepare(args: PrepareArgs, source: DocSource | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         m = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tokenizer": enc.name, "vocab_hash": vocab_hash(enc),
              "dtype": "uint16", "settings": settings, "complete": False, "tokens": {"val": 0, "train": 0},
-             "documents": 0, "shards": [],
-             "resume": {"tokens": 0, "documents": 0, "source_state": None, "skip_docs": 0, "skip_tokens": 0}}
+             "documents": 0, "shards": [], "resume": dict(INITIAL)}
         write_json_atomic(out / MANIFEST, m)
     else:
-        for t in out.glob("*.tmp"):  # a shard or manifest a killed run was writing
-            t.unlink()
         _say(args, f"resuming {out} at token {m['resume']['tokens']:,} ({len(m['shards'])} shards done)")
-    r = m["resume"]
-    num_proc = args.num_proc or os.cpu_count() or 1
-    writer = _Writer(out, m, val_tokens, args.shard_size, args.max_tokens)
-    bar = _progress_bar(args, source, writer)
-    first = r["skip_tokens"]
-    t0, pos0 = time.time(), writer.pos
-    results = _tokenized(_chunks(source, r["source_state"], r["skip_docs"]), num_proc, args.tokenizer_file)
-    try:
-        for chunk, tokens, lens in results:
-            before, docs_before = writer.pos, writer.docs
-            writer.add(chunk, tokens, lens, first)
-            first = 0
-            if bar is not None:
-                bar.update((writer.pos - before) if bar.unit == "tok" else (writer.docs - docs_before))
-                bar.set_postfix_str(f"{writer.pos / 1e6:,.1f}M tok, {writer.docs:,} docs, "
-                                    f"{(writer.pos - pos0) / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s, "
-                                    f"{len(m['shards'])} shards", refresh=False)
-            if writer.done:
-                break
-    finally:
-        results.close()  # stops the tokenizer processes at once (also on errors)
+    writer = ShardWriter(out, m, val_tokens, args.shard_size, args.max_tokens, m["resume"], len(m["shards"]))
+    _feed(writer, source, m["resume"], num_proc, args.tokenizer_file, _progress_bar(args, source, writer))
     writer.finish()
-    if bar is not None:
-        bar.close()
     if m["tokens"]["val"] + m["tokens"]["train"] == 0:
         raise ConfigError(f"--source {args.source} holds no text: check the files / --text_field")
     if m["tokens"]["train"] == 0:
@@ -366,12 +285,60 @@ def run_prepare(args: PrepareArgs, source: DocSource | None = None) -> Path:
     return out
 
 
+def _feed(writer: ShardWriter, source: DocSource, start: dict[str, Any], num_proc: int, tokenizer_file: str,
+          bar: Any = None) -> None:
+    """Tokenise the source from the resume point ``start`` into ``writer`` until it is done or the source ends."""
+    first = start["skip_tokens"]
+    t0, pos0 = time.time(), writer.pos
+    results = _tokenized(_chunks(source, start["source_state"], start["skip_docs"]), num_proc, tokenizer_file)
+    try:
+        for chunk, tokens, lens in results:
+            before, docs_before = writer.pos, writer.docs
+            writer.add(chunk.state, tokens, lens, first, chunk.skipped)
+            first = 0
+            if bar is not None:
+                bar.update((writer.pos - before) if bar.unit == "tok" else (writer.docs - docs_before))
+                bar.set_postfix_str(f"{writer.pos / 1e6:,.1f}M tok, {writer.docs:,} docs, "
+                                    f"{(writer.pos - pos0) / max(time.time() - t0, 1e-9) / 1e3:,.0f}k tok/s, "
+                                    f"{len(writer.m['shards'])} shards", refresh=False)
+            if writer.done:
+                break
+    finally:
+        results.close()  # stops the tokenizer processes at once (also on errors)
+        if bar is not None:
+            bar.close()
+
+
+def _repair(args: PrepareArgs, out: Path, m: dict[str, Any], source: DocSource, val_tokens: int,
+            num_proc: int) -> None:
+    """Re-make the damaged or missing shards of ``out`` in place (module docstring: Repair)."""
+    damaged = damaged_shards(out, m)
+    if not damaged:
+        return
+    for clause in damaged.values():
+        _say(args, f"{clause.removeprefix('data shard ')}: re-making it")
+    todo = sorted(damaged)
+    while todo:
+        k = todo[0]
+        s = max(j for j in range(k + 1) if j == 0 or m["shards"][j].get("start"))  # the nearest recorded start
+        start = m["shards"][s].get("start") or INITIAL
+        writer = ShardWriter(out, m, val_tokens, args.shard_size, args.max_tokens, start, s, rewrite=set(todo))
+        _feed(writer, source, start, num_proc, args.tokenizer_file)
+        writer.finish()
+        write_json_atomic(out / MANIFEST, m)  # sizes, checksums and starts of what the pass met
+        if k not in writer.rewritten:
+            raise ConfigError(f"the source ended before {m['shards'][k]['file']} could be re-made: the source "
+                              "changed since it was prepared: prepare it again into a new --output_dir")
+        todo = [t for t in todo if t not in writer.rewritten]
+    _say(args, f"re-made {len(damaged)} shard(s) of {out}; the other {len(m['shards']) - len(damaged)} were intact")
+
+
 def _say(args: PrepareArgs, msg: str) -> None:
     if args.verbose:
         print(msg, flush=True)
 
 
-def _progress_bar(args: PrepareArgs, source: DocSource, writer: _Writer) -> Any:
+def _progress_bar(args: PrepareArgs, source: DocSource, writer: ShardWriter) -> Any:
     """Tokens against --max_tokens, else documents against the source's document count when known."""
     if not args.progress:
         return None
