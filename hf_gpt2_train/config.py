@@ -190,15 +190,19 @@ class HubConfig:
 @dataclass
 class ResilienceConfig:
     skip_outlier_updates: bool = True
-    """Skip an update whose loss or grad norm is an outlier (z-score against the last outlier_window accepted updates above loss_z_threshold/grad_norm_z_threshold), on the device like a non-finite one; inactive until the window is full."""
+    """Skip an update whose loss or grad norm is an outlier (z-score above loss_z_threshold/grad_norm_z_threshold against a robust baseline of the learned updates: median level, MAD spread), on the device like a non-finite one; from step outlier_min_steps+1 on (docs/resilience.md)."""
     outlier_window: int = 64
-    """Updates in the running window of the outlier z-scores (skipped updates stay out of it)."""
-    loss_z_threshold: float = 5.0
+    """Learned updates the baseline's spread is estimated from (skipped and spiking updates are never learned); the grad norm is judged once this many were learned."""
+    outlier_min_steps: int = 8
+    """Learned updates needed before losses are judged (the guard is blind before; a few bad values among them cannot move the median baseline)."""
+    loss_z_threshold: float = 6.0
     """Loss z-score above which the update is skipped (docs/resilience.md: how it was chosen)."""
     grad_norm_z_threshold: float = 8.0
-    """Grad-norm z-score above which the update is skipped (grad norms are heavier-tailed than the loss)."""
-    spike_z_threshold: float = 3.0
-    """A step whose loss z-score is above this counts toward a sustained spike even when its update is applied."""
+    """Grad-norm z-score (of its log) above which the update is skipped, once outlier_window updates were learned (grad norms are heavier-tailed than the loss)."""
+    grad_norm_spike_ratio: float = 16.0
+    """A loss outlier whose grad norm is above this many times its level is an optimizer instability (the previous update), not bad data: its update is applied (clipped), not learned, and counts as spiking."""
+    spike_z_threshold: float = 4.0
+    """A step whose loss z-score is above this counts toward a sustained spike even when its update is applied, and is never learned into the baseline."""
     rollback_after: int = 10
     """This many consecutive spiking or skipped steps roll back, once the stretch ends (or has lasted 4x as long), to the newest checkpoint before it, skipping the data it read (0: never roll back)."""
     max_rollbacks: int = 3
@@ -311,10 +315,15 @@ class Config:
         if self.checkpoint.keep_last < 1:
             p.append("keep_last must be >= 1")
         r = self.resilience
-        if r.outlier_window < 8:
-            p.append(f"outlier_window must be >= 8 (a z-score needs a spread), not {r.outlier_window}")
+        if r.outlier_window < 16:
+            p.append(f"outlier_window must be >= 16 (a robust spread needs values), not {r.outlier_window}")
+        if not 8 <= r.outlier_min_steps <= r.outlier_window:
+            p.append(f"outlier_min_steps must be between 8 and outlier_window ({r.outlier_window}), not "
+                     f"{r.outlier_min_steps}")
         if min(r.loss_z_threshold, r.grad_norm_z_threshold, r.spike_z_threshold) <= 0:
             p.append("loss_z_threshold, grad_norm_z_threshold and spike_z_threshold must be > 0")
+        if r.grad_norm_spike_ratio <= 1:
+            p.append(f"grad_norm_spike_ratio must be > 1, not {r.grad_norm_spike_ratio}")
         if r.rollback_after < 0 or r.max_rollbacks < 0:
             p.append("rollback_after and max_rollbacks must be >= 0 (0 turns rollbacks off)")
         if r.collective_timeout_minutes <= 0:

@@ -1,9 +1,11 @@
 """Runs that heal themselves: outlier updates skipped, loss spikes rolled back, hangs caught.
 
 * ``UpdateGuard`` (guard.py): per-step skip flag on the device (non-finite, or loss / grad-norm z-score outlier
-  against a running window), fed to fused AdamW's ``found_inf``; fp16 GradScaler overflows are not counted.
+  against a robust baseline that spiking values never enter), fed to fused AdamW's ``found_inf``; fp16
+  GradScaler overflows are not counted.
 * ``SpikeRollback`` (rollback.py): a sustained stretch of spiking steps reloads the last good checkpoint
-  in-process and skips the stretch's data for good; at most ``max_rollbacks``.
+  in-process (without one before it: gives the stretch's skipped updates back to the schedule) and skips the
+  stretch's data for good; at most ``max_rollbacks``.
 * ``HangWatchdog``, ``collective_kwargs`` (watchdog.py): stack dumps and exit code 5 when no step completes in
   time; explicit collective timeouts.
 * ``Resilience``: what the trainer holds; it wires the three to the trainer's state, loader and checkpoints.
@@ -37,7 +39,7 @@ class Resilience:
                                  (lambda t: accelerator.reduce(t, reduction="mean")) if multi else None,
                                  capacity=cfg.tracking.logging_steps)
         state.attach("update_guard", self.guard)  # the window travels in every checkpoint
-        self.rollback = SpikeRollback(r, state, loader, checkpoints, cfg.optim.seq_len)
+        self.rollback = SpikeRollback(r, state, loader, checkpoints, cfg.optim.seq_len, cfg.optim.total_batch_size)
         self.watchdog = HangWatchdog(r, output_dir, accelerator.process_index)
         self.state = state
         self.has_scaler = accelerator.scaler is not None

@@ -58,8 +58,10 @@ class Stretch:
 class SpikeRollback:
     """Tracks stretches of spiking steps and rolls back; see the module docstring."""
 
-    def __init__(self, cfg: ResilienceConfig, state: Any, loader: Any, checkpoints: Any, seq_len: int):
+    def __init__(self, cfg: ResilienceConfig, state: Any, loader: Any, checkpoints: Any, seq_len: int,
+                 tokens_per_step: int = 0):
         self.cfg = cfg
+        self.tokens_per_step = tokens_per_step
         self.state = state
         self.loader = loader
         self.checkpoints = checkpoints
@@ -108,12 +110,15 @@ class SpikeRollback:
                 f"{stretch.data[1]:,}, lower --learning_rate, or raise --max_rollbacks")
         self.checkpoints.wait()  # an in-flight save must be complete before we choose and load one
         candidates = broadcast_from_main(self._candidates(stretch.first.step) if self.checkpoints.is_main else [])
-        if not candidates:
-            log.warning("spike at %s: no checkpoint from before step %d to roll back to; continuing (the guard "
-                        "skipped %d of its updates)", stretch.describe(), stretch.first.step, stretch.skipped)
-            return False
         at_step = self.state.step
         skipped_before = list(self.loader.skipped)
+        first, end = stretch.data
+        if not candidates:
+            if not stretch.skipped:
+                log.warning("spike at %s: no checkpoint from before step %d to roll back to; continuing",
+                            stretch.describe(), stretch.first.step)
+                return False
+            return self._rewind(stretch, at_step, done, skipped_before, tracker)
         manifest = None
         for i, path in enumerate(candidates):
             try:
@@ -124,18 +129,52 @@ class SpikeRollback:
                     raise
                 log.warning("rollback: %s (trying the next older checkpoint)", e)
         assert manifest is not None
-        first, end = stretch.data
-        event = {"at_step": at_step, "stretch": [stretch.first.step, stretch.last.step], "to_step": self.state.step,
-                 "checkpoint": manifest["path"], "skipped_sequences": [first, end],
-                 "skipped_tokens": (end - first) * self.seq_len, "time": time.time(),
-                 "reason": f"{stretch.steps} spiking steps, {stretch.skipped} updates skipped"}
         # The checkpoint predates this rollback: restore what happened since in its place.
-        self.state.rollbacks = [*done, event]
-        self.loader.skip([*skipped_before, (first, end)])
+        event = self._record(stretch, at_step, done, skipped_before, manifest["path"])
         text = (f"rollback {len(done) + 1}/{self.cfg.max_rollbacks} at step {at_step}: loss spike at "
                 f"{stretch.describe()}; reloaded step {self.state.step} from {manifest['path']}; the training data "
                 f"of the stretch is skipped: global sequences {first:,}-{end:,} ({event['skipped_tokens']:,} "
                 f"tokens{self._token_range(first, end)})")
+        self._announce(text, done, tracker)
+        return True
+
+    def _rewind(self, stretch: Stretch, at_step: int, done: list[dict[str, Any]],
+                skipped_before: list[tuple[int, int]], tracker: Any) -> bool:
+        """No checkpoint before the stretch: give its skipped updates back to the schedule instead of reloading.
+
+        A skipped update leaves weights and optimizer state exactly as they were (fused AdamW's found_inf also
+        undoes its step count), so the run continues ``stretch.skipped`` steps earlier with the weights it has:
+        as after a rollback, it does ``max_steps`` updates and reads the data after the stretch. The updates the
+        stretch did apply (spiking, below the skip threshold) stay in; a checkpoint, when there is one, removes
+        those too.
+        """
+        first, end = stretch.data
+        self.state.step = at_step - stretch.skipped
+        self.state.tokens_seen -= stretch.skipped * self.tokens_per_step
+        event = self._record(stretch, at_step, done, skipped_before, None)  # the data was read: no resume reads it
+        text = (f"rollback {len(done) + 1}/{self.cfg.max_rollbacks} at step {at_step}: loss spike at "
+                f"{stretch.describe()}; no checkpoint from before step {stretch.first.step}, and the skipped updates "
+                f"left the weights untouched: continuing at step {self.state.step} with the same weights (the "
+                f"{stretch.skipped} skipped updates are given back to the schedule); the training data of the stretch "
+                f"is skipped: global sequences {first:,}-{end:,} ({event['skipped_tokens']:,} tokens"
+                f"{self._token_range(first, end)})")
+        self._announce(text, done, tracker)
+        return True
+
+    def _record(self, stretch: Stretch, at_step: int, done: list[dict[str, Any]],
+                skipped_before: list[tuple[int, int]], checkpoint: str | None) -> dict[str, Any]:
+        """The rollback event into the trainer state, the stretch's data range into the loader's skipped ones."""
+        first, end = stretch.data
+        event = {"at_step": at_step, "stretch": [stretch.first.step, stretch.last.step], "to_step": self.state.step,
+                 "checkpoint": checkpoint, "skipped_sequences": [first, end],
+                 "skipped_tokens": (end - first) * self.seq_len, "time": time.time(),
+                 "reason": f"{stretch.steps} spiking steps, {stretch.skipped} updates skipped"}
+        self.state.rollbacks = [*done, event]
+        self.loader.skip([*skipped_before, (first, end)])
+        return event
+
+    def _announce(self, text: str, done: list[dict[str, Any]], tracker: Any) -> None:
+        """Log the rollback, tell the trackers, and save ``latest`` at once."""
         log.warning(text)
         if tracker is not None:
             # At the step the run continues from: where the new history starts, and a point that a later resume
@@ -147,7 +186,6 @@ class SpikeRollback:
                 bar.refresh()
         # Persist the skip now: a crash before the next scheduled save must not replay the bad data.
         self.checkpoints.maybe_save(self.state, force_latest=True)
-        return True
 
     def _token_range(self, first: int, end: int) -> str:
         n = self.loader.num_windows
