@@ -91,8 +91,8 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 disables)."""
     total_batch_size: int = 524288
     """Tokens per optimizer step across all processes; gradient accumulation is derived from it."""
-    per_device_train_batch_size: int = 64
-    """Micro-batch size (sequences) per process and forward pass."""
+    per_device_train_batch_size: int | str = 64
+    """Micro-batch size (sequences) per process and forward pass; 'auto': on a GPU, the largest that fits and divides the batch, found before training (a resume keeps the checkpoint's; see docs/benchmarks.md, Memory)."""
     seq_len: int = 1024
     """Tokens per training sequence."""
     on_nonfinite: str = "stop"
@@ -127,6 +127,10 @@ class RunConfig:
     """Loss GEMM over the padded vocabulary (padded columns kept out of the softmax) instead of the real 50257 rows (default: on with --compile, off without)."""
     device_peak_tflops: float = 0.0
     """Peak dense TFLOP/s for MFU (0: known GPUs are looked up; unknown devices report no MFU)."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in the backward pass, per GPT2Block: 'none', 'full' (keep only each block's input: least memory, about 1/3 more block compute) or 'selective' (keep attention and every other matmul output; in between). Never the loss region."""
+    activation_checkpointing_every: int = 1
+    """With full/selective: checkpoint only every Nth GPT2Block (2: half of them, for about half the saving and half the recompute)."""
 
 
 @dataclass
@@ -273,6 +277,7 @@ class Config:
 
     def grad_accum_steps(self, world_size: int) -> int:
         o = self.optim
+        assert isinstance(o.per_device_train_batch_size, int), "resolve per_device_train_batch_size auto first"
         return o.total_batch_size // (o.per_device_train_batch_size * o.seq_len * world_size)
 
     def fit_micro_batch(self, world_size: int) -> str | None:
@@ -283,7 +288,7 @@ class Config:
         """
         o = self.optim
         requested, per_micro = o.per_device_train_batch_size, o.seq_len * world_size
-        if requested < 1 or o.seq_len < 1 or o.total_batch_size % (requested * per_micro) == 0:
+        if not isinstance(requested, int) or requested < 1 or o.seq_len < 1 or o.total_batch_size % (requested * per_micro) == 0:
             return None
         fits = [b for b in range(requested - 1, 0, -1) if o.total_batch_size % (b * per_micro) == 0]
         if not fits:
@@ -301,8 +306,11 @@ class Config:
             p.append(f"seq_len {o.seq_len} exceeds the model's context n_positions={m.n_positions}: lower --seq_len")
         if m.n_embd % m.n_head:
             p.append(f"n_embd {m.n_embd} is not divisible by n_head {m.n_head}")
-        micro = o.per_device_train_batch_size * o.seq_len * world_size
-        if o.per_device_train_batch_size < 1 or o.seq_len < 1:
+        auto = o.per_device_train_batch_size == "auto"  # resolved by memory.resolve_micro_batch: any divisor may be chosen
+        micro = (1 if auto else o.per_device_train_batch_size) * o.seq_len * world_size
+        if not auto and not isinstance(o.per_device_train_batch_size, int):
+            p.append(f"per_device_train_batch_size must be a number or 'auto', not {o.per_device_train_batch_size!r}")
+        elif (not auto and o.per_device_train_batch_size < 1) or o.seq_len < 1:
             p.append("per_device_train_batch_size and seq_len must be >= 1")
         elif o.total_batch_size % (o.seq_len * world_size):
             step = o.seq_len * world_size
@@ -319,6 +327,9 @@ class Config:
             )
         if o.max_steps < 1:
             p.append("max_steps must be >= 1")
+        if self.run.activation_checkpointing not in ("none", "full", "selective") or self.run.activation_checkpointing_every < 1:
+            p.append(f"activation_checkpointing must be none/full/selective (not {self.run.activation_checkpointing!r}) "
+                     f"and activation_checkpointing_every >= 1 (not {self.run.activation_checkpointing_every})")
         if o.on_nonfinite not in ("stop", "skip"):
             p.append(f"on_nonfinite must be 'stop' or 'skip', not {o.on_nonfinite!r}")
         if o.optimizer not in ("adamw", "muon"):
@@ -438,6 +449,8 @@ def _coerce(value: Any, f: dataclasses.Field) -> Any:
             return None
         raise ConfigError(f"{f.name} may not be null")
     try:
+        if t == "int | str":  # a number or a keyword ('auto')
+            return value.strip().lower() if isinstance(value, str) and not value.strip().lstrip("-").isdigit() else int(value)
         if t.startswith("bool"):
             return parse_bool(value)
         if t.startswith("int"):

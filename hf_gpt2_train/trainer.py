@@ -19,8 +19,10 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from torch.distributed.tensor import DTensor
 
 from hf_gpt2_train import package_versions
+from hf_gpt2_train.activation_checkpointing import apply_activation_checkpointing
 from hf_gpt2_train.config import Config, ConfigError
 from hf_gpt2_train.fsio import write_json_atomic
+from hf_gpt2_train.memory import resolve_micro_batch, resumed_micro_batch
 from hf_gpt2_train.model import build_model, flops_per_token, setup_training_forward
 from hf_gpt2_train.optim import build_optimizer, schedule_change, set_lr, start_decay_now
 from hf_gpt2_train.outdir import check_output_dir
@@ -41,6 +43,9 @@ class Trainer:
                             **self.pg_kwargs.to_kwargs())
         micro_batch_note = cfg.fit_micro_batch(dist.num_processes)  # presets run on any number of processes
         cfg.validate(world_size=dist.num_processes)
+        auto_micro_batch = cfg.optim.per_device_train_batch_size == "auto"
+        if auto_micro_batch:  # provisional: resolved on the prepared model below (memory.resolve_micro_batch)
+            cfg.optim.per_device_train_batch_size = 1
 
         from hf_gpt2_train.checkpoint import CheckpointManager, GracefulShutdown
         from hf_gpt2_train.data.loader import TrainLoader, resolve_data_dir, val_batches
@@ -97,6 +102,11 @@ class Trainer:
 
         set_seed(cfg.run.seed)  # same init on every rank
         model = prepare_model_for_precision(build_model(cfg.model), self.plan, cfg.precision)
+        # Checkpointing first, then the per-block compile, then DDP/FSDP wrapping (torchtitan's order).
+        if ac_warning := apply_activation_checkpointing(model, cfg.run.activation_checkpointing,
+                                                        cfg.run.activation_checkpointing_every,
+                                                        transformer_engine=self.plan.fp8_backend == "te"):
+            log.warning(ac_warning)
         config_dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()  # `accelerate config` asked
         use_compile = cfg.run.compile if cfg.run.compile is not None else (
             acc.device.type == "cuda" or config_dynamo not in ("", "no"))
@@ -107,6 +117,11 @@ class Trainer:
         setup_training_forward(model, use_compile, cfg.run.padded_logits, self.plan.compile_blocks)
         optimizer = build_optimizer(model, cfg, acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        if auto_micro_batch:  # tried on the prepared model; a resume keeps its checkpoint's micro-batch
+            self.run_info["micro_batch"] = resolve_micro_batch(cfg, acc, self.model, self.optimizer,
+                                                               resumed_micro_batch(self.resume_path))
+            self.run_info["config"] = cfg.to_dict(redact=True)
+            self.accum = acc.gradient_accumulation_steps = cfg.grad_accum_steps(acc.num_processes)
 
         self.state = TrainerState()
         o = cfg.optim

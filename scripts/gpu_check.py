@@ -2,6 +2,7 @@
 
 Usage: python scripts/gpu_check.py OUT_DIR   (GPU_CHECK_DRY_RUN=1: the same steps on CPU at quickstart size)
 
+GPU_CHECK_STEPS=env,memory_modes runs only the steps it names.
 Each step runs in its own subprocesses with its own time cap inside one overall budget (GPU_CHECK_BUDGET_S,
 default 480 s): a failing, crashing or overrunning step is recorded and the next one runs; a step that would
 start with under 15 s of budget left is recorded as skipped. Writes OUT_DIR/gpu_check.json (every step's
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpu_check_memory import memory_modes_step  # scripts/ is sys.path[0] when this file runs
 from gpu_check_muon import step_muon  # scripts/ is this script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,6 +309,8 @@ STEPS: list[tuple[str, float, Callable[[Context], dict[str, Any]], str]] = [
     ("fsdp2", 80, step_fsdp2, "FSDP2, 10 steps, save, export loads in transformers"),
     ("bench_gpt2_real_vocab_logits", 45, step_bench_logits, "gpt2 bf16 with the loss GEMM over 50257 rows"),
     ("bench_gpt2_fp8_lm_head", 45, step_bench_fp8_lm_head, "gpt2 fp8 with lm_head in fp8 too"),
+    ("memory_modes", 240, memory_modes_step(cli, HALF, StepError), "memory and step time per activation "
+     "checkpointing mode and preset, largest micro-batch per 24/40/80 GB"),
     ("muon", 90, lambda ctx: step_muon(ctx, py=PY, dry_run=DRY_RUN, bench_model=SMALL, bench_batch=SMALL_BATCH,
                                        train_model=TRAIN, train_batch=TRAIN_BATCH, run_flags=RUN_FLAGS),
      "gpt2: Muon vs AdamW step time (bf16, compiled); a short Muon + WSD run learns"),
@@ -440,6 +444,11 @@ def summary(doc: dict[str, Any]) -> str:
     if rows:
         lines += ["", "| bench | precision | ours tok/s | plain tok/s | ours/plain time | MFU | peak GB | fp8 cov |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows]
+    memory = next((s.get("result") or {} for s in doc["steps"] if s["name"] == "memory_modes"), {})
+    if memory.get("table"):
+        lines += ["", f"| preset | activation checkpointing ({memory['precision']}) | activation bytes/token | ms/step | "
+                  "max micro-batch 24 GB | 40 GB | 80 GB |", "| --- | --- | --- | --- | --- | --- | --- |",
+                  *memory["table"]]
     tr = next((s.get("result") or {} for s in doc["steps"] if s["name"] == "train_resume"), {})
     if "max_abs_loss_diff" in tr:
         lines += ["", f"Resume: max |loss difference| after step {tr['resumed_at']} = {tr['max_abs_loss_diff']:.3g} "
@@ -461,7 +470,10 @@ def main(out_dir: str) -> int:
                            "command": shlex.join(sys.argv), "steps": []}
     with open(out / "gpu_check.log", "w") as log:
         ctx = Context(out=out, work=work, log=log)
+        only = {s.strip() for s in os.environ.get("GPU_CHECK_STEPS", "").split(",") if s.strip()}
         for name, cap, fn, what in STEPS:
+            if only and name not in only:  # GPU_CHECK_STEPS=env,memory_modes: a rerun of some steps
+                continue
             left = budget - (time.monotonic() - t_start)
             rec: dict[str, Any] = {"name": name, "what": what, "cap_s": cap * CAP_SCALE}
             t0 = time.monotonic()

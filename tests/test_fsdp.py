@@ -77,20 +77,26 @@ def test_fsdp_trains_and_saves_full_and_sharded_checkpoints(runs: dict[str, Path
 
 
 def test_sharded_fsdp_checkpoint_resumes_under_fsdp_exactly(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The resumed run checkpoints every block's activations (``full``, inside FSDP2's per-block units):
+    recomputation gives the same numbers, so the losses stay bitwise those of the run without it."""
     out = tmp_path / "run"
     shutil.copytree(runs["sharded"], out, copy_function=os.link)
-    torchrun(train_args(out, resume_from_checkpoint="milestone_0000004"), "SHARDED_STATE_DICT", tmp_path / "r.log")
+    torchrun(train_args(out, resume_from_checkpoint="milestone_0000004", activation_checkpointing="full"),
+             "SHARDED_STATE_DICT", tmp_path / "r.log")
     assert "resumed from" in (tmp_path / "r.log").read_text()
     assert losses(out) == losses(runs["sharded"])  # steps 5-8 again, bit for bit
     assert manifest(out / "checkpoints" / "final")["step"] == 8
+    assert manifest(out / "checkpoints" / "final")["config"]["run"]["activation_checkpointing"] == "full"
 
 
 def test_full_fsdp_checkpoint_resumes_under_ddp(runs: dict[str, Path], tmp_path: Path) -> None:
     """DDP reads the consolidated model.safetensors and the name-keyed full optimizer.bin of an FSDP checkpoint.
-    Same math as FSDP, other reduction order: equal to float32 rounding."""
+    Same math as FSDP, other reduction order: equal to float32 rounding. The DDP run uses selective activation
+    checkpointing (DDP's gradient hooks fire on the recomputed backward as on the plain one)."""
     out = tmp_path / "run"
     shutil.copytree(runs["full"], out, copy_function=os.link)
-    torchrun(train_args(out, resume_from_checkpoint="milestone_0000004"), None, tmp_path / "r.log")
+    torchrun(train_args(out, resume_from_checkpoint="milestone_0000004", activation_checkpointing="selective"), None,
+             tmp_path / "r.log")
     ours, ref = losses(out), losses(runs["full"])
     assert ours.keys() == ref.keys() and all(abs(ours[s] - ref[s]) <= 1e-5 * abs(ref[s]) for s in ref), (ours, ref)
     assert manifest(out / "checkpoints" / "final")["world_size"] == 2

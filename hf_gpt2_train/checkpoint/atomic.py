@@ -102,7 +102,8 @@ def _digest_tasks(path: Path, size: int) -> list[tuple[int, int]]:
     return [(start, min(CHUNK_BYTES, size - start)) for start in range(0, size, CHUNK_BYTES)]
 
 
-def _entry(size: int, digests: list[str], algorithm: str) -> dict[str, Any]:
+def file_entry(size: int, digests: list[str], algorithm: str = CHECKSUM) -> dict[str, Any]:
+    """The manifest entry of a file of ``size`` bytes: its digest, or its ``CHUNK_BYTES`` chunks' digests in order."""
     if size <= CHUNK_BYTES:
         return {"size": size, algorithm: digests[0]}
     return {"size": size, "chunk_bytes": CHUNK_BYTES, f"{algorithm}_chunks": digests}
@@ -115,7 +116,7 @@ def file_entries(folder: Path, files: list[Path], pool: ThreadPoolExecutor,
     for p in files:
         size = p.stat().st_size
         jobs.append((p, size, [pool.submit(digest_file, p, algorithm, a, n) for a, n in _digest_tasks(p, size)]))
-    return {p.relative_to(folder).as_posix(): _entry(size, [f.result() for f in futs], algorithm)
+    return {p.relative_to(folder).as_posix(): file_entry(size, [f.result() for f in futs], algorithm)
             for p, size, futs in jobs}
 
 
@@ -140,19 +141,29 @@ def data_files(folder: Path) -> list[Path]:
                   and not p.name.endswith(".tmp"))
 
 
-def seal(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def seal(folder: Path, manifest: dict[str, Any], known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """fsync every file of ``folder``, record its size and checksum in ``manifest``, write the manifest last.
 
     fsync is I/O-bound and hashing CPU-bound, so both run in one thread pool and overlap; large files are
-    hashed in chunks on all cores. Returns the manifest as written.
+    hashed in chunks on all cores. ``known``: entries of files (by relative path) whose writer already fsync'd
+    them and checksummed their bytes on the way out (``direct.py``): they are not read back. Returns the
+    manifest as written.
     """
+    known = known or {}
     files = data_files(folder)
-    pieces = sum(len(_digest_tasks(p, p.stat().st_size)) for p in files)
-    with ThreadPoolExecutor(max_workers=_workers(len(files) + pieces)) as pool:
-        syncs = [pool.submit(fsync_path, p) for p in files]
-        entries = file_entries(folder, files, pool)
+    todo = [p for p in files if p.relative_to(folder).as_posix() not in known]
+    pieces = sum(len(_digest_tasks(p, p.stat().st_size)) for p in todo)
+    with ThreadPoolExecutor(max_workers=_workers(len(todo) + pieces)) as pool:
+        syncs = [pool.submit(fsync_path, p) for p in todo]
+        hashed = file_entries(folder, todo, pool)
         for s in syncs:
             s.result()
+    entries = {}
+    for p in files:
+        rel = p.relative_to(folder).as_posix()
+        entries[rel] = known[rel] if rel in known else hashed[rel]
+        if entries[rel]["size"] != p.stat().st_size:  # a writer's entry must describe the file as it is
+            raise CheckpointInvalid(f"{rel} has {p.stat().st_size} bytes, its writer wrote {entries[rel]['size']}")
     manifest = {**manifest, "format": FORMAT, "files": entries}
     for d in sorted({p.parent for p in files} | {folder}, key=lambda x: len(x.parts), reverse=True):
         fsync_path(d)

@@ -341,7 +341,7 @@ class CheckpointManager:
 
     def _save(self, state: TrainerState, tiers: list[str], val_loss: float | None, durable: bool) -> Path:
         key = self._state_key(state)
-        if durable and self._in_flight is not None:
+        if durable and self._in_flight is not None and self.writer.running:
             logger.info("finishing the background write of the checkpoint of step %d first", self._in_flight)
         self.wait()  # the save in flight first: its buffers are reused, its tiers may be linked below
         last = self._last
@@ -384,12 +384,12 @@ class CheckpointManager:
                 return
             note = "" if durable else (f" in the background (training paused {blocked + self.capture.stage_wait_s:.2f}s"
                                        " to take the state)")
-            manifest.update(self.tiers.promote(tmp, tiers, manifest, note, t0 if durable else started))
+            manifest.update(self.tiers.promote(tmp, tiers, manifest, note, t0 if durable else started, snap.entries))
             if self.hub is not None:
                 self.hub.saved(self.root / tiers[0], manifest)
 
         if self.is_main or self.capture.writes_on_every_rank:
-            self.writer.submit(state.step, write)
+            self.writer.submit(state.step, write, background=not durable)
         self._in_flight = state.step
         if durable:
             self.wait(expected=True)

@@ -12,7 +12,8 @@ Accelerate's own writers (``save_accelerator_state``, ``save_custom_state``, ``a
   an optimizer step pre-hook makes the next ``optimizer.step()`` wait until the copy is complete, so the
   copy is always of the state at the save. A synchronous save skips the copy.
 * ``write`` (writer thread) serialises those copies: ``model.safetensors`` (tied weights dropped, as
-  ``save_state`` does) and ``optimizer.bin``.
+  ``save_state`` does) and ``optimizer.bin``, with ``direct.py``: the same bytes as Accelerate's ``save``, written
+  with direct I/O (no page cache) and checksummed on the way out (``Snapshot.entries``, used by ``atomic.seal``).
 
 FSDP2 (``distributed_type == FSDP``, ``fsdp_version 2``) adds Accelerate's native FSDP files, so FSDP resumes with
 ``load_state`` as usual, and always writes the *consolidated* ``model.safetensors`` (full weights, training
@@ -81,6 +82,7 @@ class Snapshot:
     sharded: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (DCP folder, state) every rank
     tied: list[list[str]] = field(default_factory=list)  # state dict keys that name one parameter
     staged: Future | None = None  # the host copy being made ({"models", "optimizers"} or {"model", "optimizer"})
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifest entries of the files written directly
 
 
 class StateCapture:
@@ -132,7 +134,7 @@ class StateCapture:
 
     def write(self, snap: Snapshot) -> None:
         """Serialise a snapshot into its folder (writer thread; every rank in FSDP sharded mode, else main)."""
-        from accelerate.utils import save
+        from hf_gpt2_train.checkpoint.direct import save_safetensors, save_torch
 
         folder = snap.folder
         if snap.staged is not None:  # the host copy (complete by now unless no optimizer step ran since)
@@ -151,14 +153,15 @@ class StateCapture:
         if snap.sharded:
             snap.models, snap.optimizers = _merge_shards(folder)
         for name, state in snap.fsdp_native:
-            torch.save(state, folder / name)
+            snap.entries[name] = save_torch(state, folder / name)
         for i, state in enumerate(snap.models):
             if snap.tied and self.mode is not None:
                 state = _drop_tied(state, snap.tied)
-            save(state, folder / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"),
-                 safe_serialization=True)
+            name = "model.safetensors" if i == 0 else f"model_{i}.safetensors"
+            snap.entries[name] = save_safetensors(state, folder / name)
         for i, state in enumerate(snap.optimizers):
-            save(state, folder / ("optimizer.bin" if i == 0 else f"optimizer_{i}.bin"), safe_serialization=False)
+            name = "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
+            snap.entries[name] = save_torch(state, folder / name)
 
     # ------------------------------------------------------------------------------------------- internals
     def _stage(self, obj: Any) -> Future:

@@ -49,11 +49,12 @@ class TierStore:
         self.protected: set[str] = set()
 
     def promote(self, tmp: Path, tiers: list[str], manifest: dict[str, Any], note: str = "",
-                started: float | None = None) -> dict[str, Any]:
+                started: float | None = None, known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Seal the written save in ``tmp`` and make it ``tiers`` (the first renamed, the others hard links);
-        returns the manifest as written. ``started``: ``time.perf_counter()`` when the save began (for the log)."""
+        returns the manifest as written. ``started``: ``time.perf_counter()`` when the save began (for the log);
+        ``known``: manifest entries of files already fsync'd and checksummed by their writer."""
         t0 = time.perf_counter() if started is None else started
-        manifest = atomic.seal(tmp, manifest)
+        manifest = atomic.seal(tmp, manifest, known)
         primary = tiers[0]
         new = self.root / f".new-{primary}"
         os.rename(tmp, new)

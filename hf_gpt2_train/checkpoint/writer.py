@@ -11,10 +11,25 @@ checkpoint stays valid). A failure is kept and reported by ``wait`` - the manage
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+WRITER_NICE = 19  # a background write yields the cores to training when both want them
+
+
+def yield_cores() -> None:
+    """Lower the calling thread to the lowest CPU priority (Linux priorities are per thread; the threads it starts
+    inherit it). Best effort: elsewhere, or where it is refused, the thread keeps its priority."""
+    if sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -42,16 +57,26 @@ class BackgroundWriter:
         """A job was submitted and not yet collected by ``wait`` (it may already have finished)."""
         return self._thread is not None
 
-    def submit(self, step: int, job: Callable[[], None]) -> None:
-        """Start ``job`` (the write of the save of ``step``) in the background; call ``wait`` first."""
+    @property
+    def running(self) -> bool:
+        """A job is being written right now (submitted and not finished)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, step: int, job: Callable[[], None], background: bool = True) -> None:
+        """Start ``job`` (the write of the save of ``step``) on the writer thread; call ``wait`` first.
+        ``background``: training goes on meanwhile, so the thread runs at the lowest priority (``yield_cores``);
+        a save the loop waits for keeps the normal priority."""
         if self._thread is not None:
             raise RuntimeError("a checkpoint write is still in flight: wait() for it before the next one")
         self._step, self._error, self._elapsed = step, None, 0.0
-        self._thread = threading.Thread(target=self._run, args=(job,), name=f"{self.name}-step{step}", daemon=False)
+        self._thread = threading.Thread(target=self._run, args=(job, background), name=f"{self.name}-step{step}",
+                                        daemon=False)
         self._thread.start()
 
-    def _run(self, job: Callable[[], None]) -> None:
+    def _run(self, job: Callable[[], None], background: bool) -> None:
         t0 = time.perf_counter()
+        if background:
+            yield_cores()
         try:
             job()
         except BaseException as e:  # kept for the loop: a failed background write must never pass silently

@@ -1,0 +1,159 @@
+"""checkpoint/direct.py: model.safetensors and optimizer.bin written with O_DIRECT from reused aligned buffers.
+
+The files are byte for byte what Accelerate's ``save`` writes, they load back (``safetensors``, ``torch.load``,
+``accelerator.load_state``), and the manifest entry each writer returns is the checksum of the file as it is on
+disk (recomputed here by reading it back). Buffers and checksum chunks are made small so that one file spans
+many buffers and chunks and ends mid-buffer (the O_DIRECT padding is cut off). A filesystem that refuses
+O_DIRECT gets buffered writes with the same bytes: on this kernel (6.x) tmpfs accepts O_DIRECT, ramfs refuses it,
+so the fallback runs on a real ramfs mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_gpt2_train.checkpoint import atomic, direct
+from hf_gpt2_train.config import ModelConfig
+from hf_gpt2_train.model import build_model, lm_logits, lm_loss
+from tests.test_checkpoint_manager import Harness
+
+SMALL = ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=32, vocab_size=1000, pad_vocab_multiple=64)
+
+
+@contextlib.contextmanager
+def ramfs(path: Path) -> Iterator[Path]:
+    """A real filesystem without O_DIRECT mounted on ``path`` (needs root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a ramfs needs root")
+    r = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a ramfs here ({r.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def folder_on(fs: str, tmp_path: Path) -> Iterator[Path]:
+    if fs == "ramfs":
+        with ramfs(tmp_path / "ramfs") as p:
+            yield p
+    else:
+        yield tmp_path
+
+
+@pytest.fixture
+def small_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 KiB buffers and 128 KiB checksum chunks (the real ones: 16 MiB and 64 MiB), a fresh buffer pool."""
+    monkeypatch.setattr(direct, "BUFFER_BYTES", 64 << 10)
+    monkeypatch.setattr(direct, "_pool", [])
+    monkeypatch.setattr(atomic, "CHUNK_BYTES", 128 << 10)
+
+
+def _trained() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A GPT-2 (tied embeddings) and AdamW with real state after two steps."""
+    model = build_model(SMALL, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        x = torch.randint(0, SMALL.vocab_size, (2, 17), generator=g)
+        lm_loss(lm_logits(model, x[:, :-1], SMALL.vocab_size), x[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def _entries_read_back(folder: Path, names: list[str]) -> dict:
+    with ThreadPoolExecutor(2) as pool:
+        return atomic.file_entries(folder, [folder / n for n in names], pool)
+
+
+@pytest.mark.parametrize("fs", ["disk", "ramfs"])
+def test_direct_files_equal_accelerates_and_their_entries_are_their_checksums(
+        tmp_path: Path, fs: str, small_buffers: None) -> None:
+    from accelerate.utils import save
+    from safetensors.torch import load_file
+
+    model, opt = _trained()
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    save(OrderedDict(model.state_dict()), ref / "model.safetensors", safe_serialization=True)
+    save(opt.state_dict(), ref / "optimizer.bin", safe_serialization=False)
+    with folder_on(fs, tmp_path) as folder:
+        ours = folder / "ours"
+        ours.mkdir()
+        got = {"model.safetensors": direct.save_safetensors(OrderedDict(model.state_dict()), ours / "model.safetensors"),
+               "optimizer.bin": direct.save_torch(opt.state_dict(), ours / "optimizer.bin")}
+        for name in got:
+            data = (ours / name).read_bytes()
+            assert data == (ref / name).read_bytes(), name
+            assert len(data) > 4 * atomic.CHUNK_BYTES and len(data) % direct.ALIGN, "spans chunks, ends mid-block"
+        assert got == _entries_read_back(ours, list(got))
+        assert all(len(e["xxh3_128_chunks"]) > 4 for e in got.values())
+        weights = load_file(ours / "model.safetensors")
+        assert "lm_head.weight" not in weights or "transformer.wte.weight" not in weights  # tied: stored once
+        for k, v in weights.items():
+            assert torch.equal(v, model.state_dict()[k]), k
+        back = torch.load(ours / "optimizer.bin", weights_only=True)
+        for i, s in opt.state_dict()["state"].items():
+            for k, v in s.items():
+                assert torch.equal(back["state"][i][k], v), (i, k)
+    assert len(direct._pool) == direct.BUFFERS_PER_FILE  # the second file reused the first's buffers, all came back
+
+
+@pytest.mark.parametrize("fs", ["disk", "ramfs"])
+def test_direct_file_uses_o_direct_where_the_filesystem_allows_it(tmp_path: Path, fs: str,
+                                                                  small_buffers: None) -> None:
+    data = os.urandom(5 * direct.BUFFER_BYTES + 12345)
+    with folder_on(fs, tmp_path) as folder:
+        out = direct.DirectFile(folder / "f.bin")
+        out.write(data[:100])  # unaligned pieces of every size, across buffer ends
+        out.write(data[100:direct.BUFFER_BYTES + 7])
+        out.write(data[direct.BUFFER_BYTES + 7:])
+        entry = out.close()
+        assert out.direct == (fs == "disk")
+        assert (folder / "f.bin").read_bytes() == data
+        assert entry == _entries_read_back(folder, ["f.bin"])["f.bin"]
+
+
+def test_a_failed_write_reports_the_error_and_returns_the_buffers(tmp_path: Path, small_buffers: None) -> None:
+    """torch.save fails in the middle (an object it cannot pickle, after 400 KB of tensor data went through the
+    pipe): the error reaches the caller, the pipe reader and the I/O thread stop, the buffers go back to the pool."""
+    bad = {"ok": torch.zeros(100_000), "bad": lambda: None}
+    with pytest.raises(Exception, match="(?i)pickle"):
+        direct.save_torch(bad, tmp_path / "optimizer.bin")
+    assert len(direct._pool) == direct.BUFFERS_PER_FILE
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_checkpoint_on_a_filesystem_without_o_direct_verifies_and_resumes(tmp_path: Path, asynchronous: bool) -> None:
+    """The manager's real path (host copy, writer thread, seal with the writers' entries) on ramfs: the saved
+    files equal ``save_state``'s, the manifest verifies against the bytes on disk, and ``load_state`` resumes."""
+    with ramfs(tmp_path / "out") as out:
+        h = Harness(out, checkpoint_steps=2, async_checkpoint=asynchronous)
+        h.steps(2)
+        reference = tmp_path / "save_state"
+        h.acc.save_state(str(reference))
+        latest = out / "checkpoints" / "latest"
+        v = atomic.verify(latest, hashes=True)
+        assert v.ok, v.reason
+        for name in ("model.safetensors", "optimizer.bin"):
+            assert (latest / name).read_bytes() == (reference / name).read_bytes(), name
+        resumed = Harness(out, checkpoint_steps=2)
+        assert resumed.mgr.load(resumed.mgr.resolve_resume("latest"))["step"] == 2
+        for a, b in zip(h.model.parameters(), resumed.model.parameters(), strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(h.opt.state_dict()["state"].values(), resumed.opt.state_dict()["state"].values(), strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a)
