@@ -105,7 +105,7 @@ class PlainLoop:
 
     def __init__(self, cfg: Config, plan: PrecisionPlan, loader: Any, accum: int, device: torch.device,
                  compile_model: bool):
-        from hf_gpt2_train.trainer import build_optimizer
+        from hf_gpt2_train.optim import build_optimizer
 
         self.cfg, self.loader, self.accum, self.device = cfg, loader, accum, device
         torch.manual_seed(cfg.run.seed)

@@ -97,6 +97,20 @@ class OptimConfig:
     """Tokens per training sequence."""
     on_nonfinite: str = "stop"
     """What a non-finite loss/grad norm does: 'stop' (clear error, weights untouched) or 'skip' (skip that update)."""
+    optimizer: str = "adamw"
+    """'adamw', or 'muon': Muon (orthogonalised momentum) on the transformer blocks' weight matrices (Q, K and V separately) and AdamW on embeddings, biases and LayerNorms (docs/speed.md)."""
+    muon_learning_rate: float = 0.02
+    """Muon: peak lr of the block matrices (update scaled by sqrt(max(1, fan_out/fan_in))); same schedule as learning_rate, which stays the lr of the AdamW parameters."""
+    muon_momentum: float = 0.95
+    """Muon: Nesterov momentum."""
+    muon_weight_decay: float = 0.01
+    """Muon: decoupled weight decay of the block matrices (w -= lr * muon_weight_decay * w each step; weight_decay is AdamW's, far too strong at Muon's lr)."""
+    lr_schedule: str = "cosine"
+    """'cosine' (warmup, cosine to learning_rate*min_lr_ratio at max_steps) or 'wsd' (warmup, constant, then over the last decay_fraction of max_steps a 1-sqrt decay to learning_rate*min_lr_ratio)."""
+    decay_fraction: float = 0.2
+    """WSD: fraction of max_steps spent in the final decay."""
+    decay_now: bool = False
+    """WSD, with --resume_from_checkpoint: start the decay at the checkpoint's step (max_steps becomes the end of a decay of decay_fraction of the run); a checkpoint already in its decay continues it."""
 
 
 @dataclass
@@ -318,6 +332,18 @@ class Config:
                      f"and activation_checkpointing_every >= 1 (not {self.run.activation_checkpointing_every})")
         if o.on_nonfinite not in ("stop", "skip"):
             p.append(f"on_nonfinite must be 'stop' or 'skip', not {o.on_nonfinite!r}")
+        if o.optimizer not in ("adamw", "muon"):
+            p.append(f"optimizer must be 'adamw' or 'muon', not {o.optimizer!r}")
+        if o.muon_learning_rate < 0 or not 0 <= o.muon_momentum < 1 or o.muon_weight_decay < 0:
+            p.append("muon_learning_rate and muon_weight_decay must be >= 0 and muon_momentum in [0, 1)")
+        if o.lr_schedule not in ("cosine", "wsd"):
+            p.append(f"lr_schedule must be 'cosine' or 'wsd', not {o.lr_schedule!r}")
+        if not 0 <= o.decay_fraction <= 1:
+            p.append(f"decay_fraction must be in [0, 1], not {o.decay_fraction}")
+        if o.decay_now and (o.lr_schedule != "wsd" or not 0 < o.decay_fraction < 1
+                            or not self.checkpoint.resume_from_checkpoint):
+            p.append("--decay_now starts the cooldown of a resumed run: it needs --lr_schedule wsd, a decay_fraction "
+                     "between 0 and 1 and --resume_from_checkpoint")
         mp = self.precision.mixed_precision
         if mp is not None and mp not in ("no", "fp16", "bf16", "fp8"):
             p.append(f"mixed_precision must be one of no/fp16/bf16/fp8, not {mp!r}")

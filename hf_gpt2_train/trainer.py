@@ -20,54 +20,15 @@ from torch.distributed.tensor import DTensor
 
 from hf_gpt2_train import package_versions
 from hf_gpt2_train.activation_checkpointing import apply_activation_checkpointing
-from hf_gpt2_train.config import Config
+from hf_gpt2_train.config import Config, ConfigError
 from hf_gpt2_train.fsio import write_json_atomic
 from hf_gpt2_train.memory import resolve_micro_batch, resumed_micro_batch
 from hf_gpt2_train.model import build_model, flops_per_token, setup_training_forward
+from hf_gpt2_train.optim import build_optimizer, schedule_change, set_lr, start_decay_now
 from hf_gpt2_train.outdir import check_output_dir
 from hf_gpt2_train.redact import install_log_redaction
 from hf_gpt2_train.state import TrainerState
 from hf_gpt2_train.tracking import StepTimer, Tracker, hardware, log, log_with, setup_logging
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup then cosine decay to lr*min_lr_ratio: a pure function of the optimizer step."""
-    o = cfg.optim
-    max_lr, min_lr = o.learning_rate, o.learning_rate * o.min_lr_ratio
-    if step < o.warmup_steps:
-        return max_lr * (step + 1) / o.warmup_steps
-    if step >= o.max_steps:
-        return min_lr
-    ratio = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
-
-
-SCHEDULE_KEYS = ("max_steps", "warmup_steps", "learning_rate", "min_lr_ratio")
-
-
-def schedule_change(saved_config: dict[str, Any] | None, cfg: Config, step: int) -> str | None:
-    """One warning line when a resume changes the LR schedule the checkpoint was trained with, else None."""
-    old = (saved_config or {}).get("optim") or {}
-    changed = [k for k in SCHEDULE_KEYS if k in old and old[k] != getattr(cfg.optim, k)]
-    if not changed:
-        return None
-    before = Config.from_dict({"optim": {k: old[k] for k in SCHEDULE_KEYS if k in old}})
-    diffs = ", ".join(f"{k} {old[k]} -> {getattr(cfg.optim, k)}" for k in changed)
-    return (f"resuming with a changed LR schedule ({diffs}): the schedule now ends at step {cfg.optim.max_steps:,} "
-            f"(was {before.optim.max_steps:,}) and the lr at step {step:,} becomes {lr_at(step, cfg):.2e} "
-            f"(was {lr_at(step, before):.2e}); pass the old values to keep the old schedule")
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, decay on 2-D weights only; fused (it also lets a non-finite step be skipped on the device)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    o = cfg.optim
-    return torch.optim.AdamW(groups, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
-                             fused=device.type in ("cuda", "cpu"))
 
 
 class Trainer:
@@ -126,6 +87,9 @@ class Trainer:
         self.mirror = HubMirror(cfg, self.output_dir, acc.is_main_process)  # --hub_strategy uploads, resume from hub
         self.checkpoints = CheckpointManager(acc, cfg.checkpoint, self.output_dir, self.run_info, hub=self.mirror)
         self.resume_path = self.checkpoints.resolve_resume(cfg.checkpoint.resume_from_checkpoint)
+        if cfg.optim.decay_now and self.resume_path is None:
+            raise ConfigError("--decay_now: there is no checkpoint to cool down from in "
+                              f"{self.output_dir / 'checkpoints'}: pass the run's --output_dir", every_process=True)
         setup_logging(self.output_dir, acc.is_main_process)
         install_log_redaction(log)
         if micro_batch_note:
@@ -189,9 +153,7 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over grad_accum micro-batches. Returns (loss, grad_norm) on device, and the lr."""
         acc, model, opt = self.accelerator, self.model, self.optimizer
-        lr = lr_at(self.state.step, self.cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = set_lr(opt, self.state.step, self.cfg)  # every param group (Muon's its own); AdamW's lr is logged
         loss_sum = torch.zeros((), device=acc.device)
         first_sequence = self.train_loader.position
         for _ in range(self.accum):
@@ -205,7 +167,7 @@ class Trainer:
         grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
         if isinstance(grad_norm, DTensor):  # FSDP2: a replicated DTensor; no communication to materialise it
             grad_norm = grad_norm.full_tensor()
-        # A non-finite or outlier step is skipped on the device by fused AdamW (no host sync).
+        # A non-finite or outlier step is skipped on the device by the fused optimizer (no host sync).
         guard = self.resilience.guard
         skip = guard.check(loss, grad_norm, self.state.step + 1, (first_sequence, self.train_loader.position),
                            guard.scaler_overflow(acc.scaler, opt))
@@ -221,8 +183,11 @@ class Trainer:
         if resume is not None:  # load() logs what it loaded (it may fall back past a damaged checkpoint)
             manifest = self.checkpoints.load(resume)
             resume = Path(manifest["path"])
-            if warning := schedule_change(manifest.get("config"), cfg, state.step):
-                log.warning(warning)
+            if cfg.optim.decay_now:  # the new max_steps is part of the config every later checkpoint records
+                log.info(start_decay_now(manifest.get("config"), cfg, state.step))
+                self.run_info["config"] = cfg.to_dict(redact=True)
+            if change := schedule_change(manifest.get("config"), cfg, state.step):
+                (log.warning if change.warning else log.info)(change.message)
         self.run_info["resumed_from"] = str(resume) if resume else None
         if acc.is_main_process:
             write_json_atomic(self.output_dir / "run_info.json", self.run_info, indent=2)

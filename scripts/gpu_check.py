@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_check_memory import memory_modes_step  # scripts/ is sys.path[0] when this file runs
+from gpu_check_muon import step_muon  # scripts/ is this script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -310,6 +311,9 @@ STEPS: list[tuple[str, float, Callable[[Context], dict[str, Any]], str]] = [
     ("bench_gpt2_fp8_lm_head", 45, step_bench_fp8_lm_head, "gpt2 fp8 with lm_head in fp8 too"),
     ("memory_modes", 240, memory_modes_step(cli, HALF, StepError), "memory and step time per activation "
      "checkpointing mode and preset, largest micro-batch per 24/40/80 GB"),
+    ("muon", 90, lambda ctx: step_muon(ctx, py=PY, dry_run=DRY_RUN, bench_model=SMALL, bench_batch=SMALL_BATCH,
+                                       train_model=TRAIN, train_batch=TRAIN_BATCH, run_flags=RUN_FLAGS),
+     "gpt2: Muon vs AdamW step time (bf16, compiled); a short Muon + WSD run learns"),
 ]
 
 

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import REPO
 
 STEPS = ["env", "data", "bench_gpt2", "bench_gpt2_large", "train_resume", "fsdp2", "bench_gpt2_real_vocab_logits",
-         "bench_gpt2_fp8_lm_head", "memory_modes"]
+         "bench_gpt2_fp8_lm_head", "memory_modes", "muon"]
 
 
 @pytest.mark.slow
@@ -52,5 +52,8 @@ def test_dry_run_writes_every_step_ok(tmp_path):
     assert set(memory) == {"none", "full", "selective"}
     assert memory["full"]["activation_memory_gb"] < memory["none"]["activation_memory_gb"]
     assert memory["full"]["losses"] == memory["none"]["losses"] == memory["selective"]["losses"]
+    muon = steps["muon"]["result"]
+    assert muon["muon_step_ms"] > 0 and muon["adamw_step_ms"] > 0 and muon["newton_schulz_dtype"] == "float32"
+    assert muon["train_final_loss"] < muon["train_first_loss"]
     summary = (out / "gpu_check.md").read_text()
     assert "dry run" in summary and all(f"| {n} | ok |" in summary for n in STEPS)

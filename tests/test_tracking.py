@@ -152,12 +152,14 @@ def test_step_timer_excludes_paused_time() -> None:
 
 def test_schedule_change_names_every_changed_key() -> None:
     from hf_gpt2_train.config import build_config
-    from hf_gpt2_train.trainer import schedule_change
+    from hf_gpt2_train.optim import schedule_change
 
     old = build_config("quickstart")
     assert schedule_change(old.to_dict(), old, 80) is None
     new = build_config("quickstart", cli={"max_steps": 200, "warmup_steps": 20, "min_lr_ratio": 0.2})
-    msg = schedule_change(old.to_dict(), new, 80)
+    change = schedule_change(old.to_dict(), new, 80)
+    msg = change.message
+    assert change.warning  # a cosine run's lr changes: a warning
     assert "max_steps 120 -> 200" in msg and "warmup_steps 10 -> 20" in msg and "min_lr_ratio 0.1 -> 0.2" in msg
     # by hand: old 4e-4 + 0.5 (1 + cos(pi 70/110)) 3.6e-3 = 1.45e-3; new 8e-4 + 0.5 (1 + cos(pi/3)) 3.2e-3 = 3.2e-3
     assert "the schedule now ends at step 200 (was 120)" in msg

@@ -51,7 +51,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 
 def test_learning_rate_is_warmup_then_cosine(tmp_path):
     from hf_gpt2_train.config import build_config
-    from hf_gpt2_train.trainer import lr_at
+    from hf_gpt2_train.optim import lr_at
 
     cfg = build_config("gpt2")
     assert lr_at(0, cfg) == pytest.approx(6e-4 / 715)

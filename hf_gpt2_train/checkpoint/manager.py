@@ -246,6 +246,10 @@ class CheckpointManager:
         if reason is not None:
             return manifest, reason
         self._check_shape(manifest, cand)
+        from hf_gpt2_train.optim import optimizer_mismatch
+
+        if problem := optimizer_mismatch(manifest.get("config"), self.run_info.get("config")):
+            raise ConfigError(f"checkpoint {cand} cannot be resumed: {problem}")
         if problem := fsdp_resume_problem(cand, self.capture.mode):
             raise ConfigError(f"checkpoint {cand} cannot be resumed under this FSDP configuration: {problem}. Resume "
                               "it with the fsdp_state_dict_type it was saved with, or without FSDP (DDP or one "

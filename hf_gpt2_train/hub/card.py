@@ -318,9 +318,7 @@ def render_model_card(rec: RunRecord, *, repo_ref: str, license: str, n_params: 
         f"| checkpoint | `{rec.tier}` at optimizer step {rec.step:,} of {_fmt_int(o.get('max_steps'))} |",
         f"| tokens seen | {_fmt_int(rec.tokens_seen)} |",
         f"| batch | {_fmt_int(batch)} tokens per step, sequences of {o.get('seq_len')} tokens |",
-        f"| optimizer | AdamW (betas {o.get('adam_beta1')}/{o.get('adam_beta2')}, weight decay "
-        f"{o.get('weight_decay')}), peak lr {o.get('learning_rate')}, {o.get('warmup_steps')} warmup steps, "
-        f"cosine decay to {o.get('min_lr_ratio')}x |",
+        f"| optimizer | {_optimizer_line(o)} |",
         f"| precision requested | {requested} |",
         f"| precision in effect | {effective} |",
         f"| hardware | {_fmt_hardware(info)} |",
@@ -342,3 +340,19 @@ def render_model_card(rec: RunRecord, *, repo_ref: str, license: str, n_params: 
         f"The model weights are released under the `{license}` license.", "",
     ]
     return "\n".join(lines)
+
+
+def _optimizer_line(o: dict[str, Any]) -> str:
+    """The recipe's optimizer and schedule as a run recorded them (runs from before --optimizer: AdamW, cosine)."""
+    adamw = f"AdamW (betas {o.get('adam_beta1')}/{o.get('adam_beta2')}, weight decay {o.get('weight_decay')})"
+    if o.get("optimizer", "adamw") == "muon":
+        text = (f"Muon on the block matrices (peak lr {o.get('muon_learning_rate')}, momentum {o.get('muon_momentum')}, "
+                f"weight decay {o.get('muon_weight_decay')}) + {adamw} on embeddings, biases and LayerNorms, peak lr "
+                f"{o.get('learning_rate')}")
+    else:
+        text = f"{adamw}, peak lr {o.get('learning_rate')}"
+    if o.get("lr_schedule", "cosine") == "wsd":
+        decay = f"warmup-stable-decay, 1-sqrt decay over the last {o.get('decay_fraction')} of the run to {o.get('min_lr_ratio')}x"
+    else:
+        decay = f"cosine decay to {o.get('min_lr_ratio')}x"
+    return f"{text}, {o.get('warmup_steps')} warmup steps, {decay}"
