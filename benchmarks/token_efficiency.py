@@ -169,11 +169,14 @@ class Measurement:
         def muon_args(lr: float) -> list[str]:
             return [*muon, "--muon_learning_rate", f"{lr:g}"]
 
-        best_muon = self.sweep("muon_wsd", a.muon_lrs, lambda lr, seed: self.wsd_run("muon_wsd", muon_args(lr), lr, seed))
+        # The AdamW lr of Muon's embeddings/biases/LayerNorms is in the run name: a cached run made with another
+        # AdamW winner is not reused.
+        kind = f"muon_wsd_adamw{best_adamw:g}"
+        best_muon = self.sweep("muon_wsd", a.muon_lrs, lambda lr, seed: self.wsd_run(kind, muon_args(lr), lr, seed))
         seeds: list[dict[str, Any]] = []
         for seed in range(a.seeds):
             target = adamw_run(best_adamw, seed)
-            points = self.branches("muon_wsd", muon_args(best_muon), best_muon, seed)
+            points = self.branches(kind, muon_args(best_muon), best_muon, seed)
             row = {"seed": seed, "target_val_loss": target["val_loss"], "adamw_tokens": target["tokens"],
                    "muon_points": points, **tokens_to(points, target["val_loss"], target["tokens"])}
             if seed < a.ablation_seeds:
@@ -228,7 +231,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     for seed in doc["seeds"]:
         s = seed["seed"]
         for name, color, label in ((f"adamw_cosine_lr{best['adamw_learning_rate']:g}_seed{s}", "tab:blue",
-                                    "AdamW + cosine"), (f"muon_wsd_lr{best['muon_learning_rate']:g}_seed{s}",
+                                    "AdamW + cosine"), (f"muon_wsd_adamw{best['adamw_learning_rate']:g}_lr{best['muon_learning_rate']:g}_seed{s}",
                                                         "tab:red", "Muon + WSD")):
             r = doc["runs"][name]
             losses = r["train_loss"]
