@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -130,11 +131,51 @@ def test_direct_file_uses_o_direct_where_the_filesystem_allows_it(tmp_path: Path
 
 def test_a_failed_write_reports_the_error_and_returns_the_buffers(tmp_path: Path, small_buffers: None) -> None:
     """torch.save fails in the middle (an object it cannot pickle, after 400 KB of tensor data went through the
-    pipe): the error reaches the caller, the pipe reader and the I/O thread stop, the buffers go back to the pool."""
+    pipe): the error reaches the caller and the writer process is gone; a write that fails in a DirectFile's I/O
+    thread (a closed descriptor) reaches its filler and the buffers go back to the pool."""
     bad = {"ok": torch.zeros(100_000), "bad": lambda: None}
+    before = set(_children())
     with pytest.raises(Exception, match="(?i)pickle"):
         direct.save_torch(bad, tmp_path / "optimizer.bin")
+    assert set(_children()) <= before  # the sink was killed and reaped
+    out = direct.DirectFile(tmp_path / "f.bin")
+    os.close(out.fd)
+    out.fd = os.open(tmp_path / "f.bin", os.O_RDONLY)  # writes fail with EBADF in the I/O thread
+    with pytest.raises(OSError):
+        out.write(os.urandom(3 * direct.BUFFER_BYTES))
+        out.close()
+    out.abort()
     assert len(direct._pool) == direct.BUFFERS_PER_FILE
+
+
+def _children() -> list[str]:
+    return (Path("/proc") / str(os.getpid()) / "task" / str(os.getpid()) / "children").read_text().split()
+
+
+def test_records_torch_writes_holding_the_gil_do_not_stall_the_save(tmp_path: Path) -> None:
+    """The deadlock a pipe-reader thread had (CI, 2026-12-04): torch.save writes some records into the FIFO while
+    holding the GIL (here a 3 MB data.pkl, more than the 1 MB pipe), so a reader thread that needs the GIL to
+    continue stalls with it forever, and the training thread with them. The sink is another process: the save
+    completes (in a child interpreter with a time limit, since a hang would hold this one's GIL too), with small
+    buffers as in the tests above, and the file equals torch.save's."""
+    script = f"""
+import sys, torch
+from pathlib import Path
+from hf_gpt2_train.checkpoint import atomic, direct
+direct.BUFFER_BYTES, atomic.CHUNK_BYTES = 64 << 10, 128 << 10
+obj = {{"w": torch.randn(1 << 20), "names": [f"parameter_{{i}}" for i in range(200_000)]}}
+entry = direct.save_torch(obj, Path({str(tmp_path / "optimizer.bin")!r}))
+torch.save(obj, {str(tmp_path / "ref" / "optimizer.bin")!r})
+assert len(entry["xxh3_128_chunks"]) > 4, entry
+"""
+    (tmp_path / "ref").mkdir()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "optimizer.bin").read_bytes() == (tmp_path / "ref" / "optimizer.bin").read_bytes()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(atomic, "CHUNK_BYTES", 128 << 10)
+        got = _entries_read_back(tmp_path, ["optimizer.bin"])["optimizer.bin"]
+    assert got["size"] == (tmp_path / "optimizer.bin").stat().st_size
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])

@@ -29,9 +29,11 @@ import json
 import mmap
 import os
 import queue
-import select
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -120,18 +122,12 @@ class DirectFile:
             if self._pos == BUFFER_BYTES:
                 self._submit()
 
-    def fill_from(self, fd: int, stop: threading.Event) -> None:
-        """Append everything read from ``fd`` (a pipe) until end of file, or until ``stop`` is set while the pipe
-        is empty. On an error the pipe is closed, so its writer fails instead of blocking on a full pipe."""
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLHUP)
+    def fill_from(self, fd: int) -> None:
+        """Append everything read from ``fd`` (a pipe) until end of file. On an error the pipe is closed, so its
+        writer fails instead of blocking on a full pipe."""
         try:
             while True:
-                if not poller.poll(100):
-                    if stop.is_set():
-                        return
-                    continue
-                view = memoryview(self._cur)[self._pos:]
+                view = memoryview(self._cur)[self._pos:BUFFER_BYTES]
                 try:
                     n = os.readv(fd, [view])
                 finally:
@@ -275,48 +271,68 @@ def save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str]
 
 
 def save_torch(obj: Any, path: Path) -> dict[str, Any]:
-    """``torch.save(obj, path)``'s bytes, written with direct I/O; returns the manifest entry."""
+    """``torch.save(obj, path)``'s bytes, written with direct I/O; returns the manifest entry.
+
+    ``torch.save`` writes into a FIFO named like the file (torch names the zip's top folder after it) and a child
+    process (``_sink``) reads the FIFO into the aligned buffers, checksums and writes them. Not a thread: torch
+    holds the GIL while it writes some records into the pipe, so a reader thread that needs the GIL to go on
+    reading deadlocks with it once the pipe is full (seen under load), and the training thread waits too."""
     import torch
 
-    out = DirectFile(path)
-    reader_error: list[BaseException] = []
-    stop = threading.Event()
-
-    def read(fd: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="hf-gpt2-train-save-") as d:
+        fifo = os.path.join(d, path.name)
+        os.mkfifo(fifo, 0o600)
+        root = str(Path(__file__).resolve().parents[2])  # this checkout's package, whatever the launcher's path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        sink = subprocess.Popen([sys.executable, "-c", "from hf_gpt2_train.checkpoint.direct import _sink; _sink()",
+                                 fifo, str(path), str(BUFFER_BYTES), str(atomic.CHUNK_BYTES), str(PIPE_BYTES)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
         try:
-            out.fill_from(fd, stop)
-        except BaseException as e:  # the pipe is closed: torch.save fails at its next write
-            reader_error.append(e)
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="hf-gpt2-train-save-") as d:
-            fifo = os.path.join(d, path.name)
-            os.mkfifo(fifo, 0o600)
-            rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-            keep = os.open(fifo, os.O_WRONLY)  # end of file only once torch.save (and this) closed the pipe
-            os.set_blocking(rfd, True)
-            try:
-                import fcntl
-
-                fcntl.fcntl(rfd, _F_SETPIPE_SZ, PIPE_BYTES)
-            except OSError:
-                pass  # a smaller pipe is only slower
-            reader = threading.Thread(target=read, args=(rfd,), name="checkpoint-pipe-reader", daemon=True)
-            reader.start()
+            keep = _open_writer(fifo, sink)  # the sink reads: torch's own open cannot block
             try:
                 torch.save(obj, fifo)
-            except BaseException:
-                if not reader_error:
-                    raise
             finally:
-                os.close(keep)
-                stop.set()
-                reader.join()
-                if not reader_error:
-                    os.close(rfd)
-            if reader_error:
-                raise reader_error[0]
+                os.close(keep)  # end of file for the sink once torch.save closed its end too
+            out, err = sink.communicate()
+        except BaseException:
+            sink.kill()
+            sink.wait()
+            raise
+    if sink.returncode != 0:
+        raise OSError(f"writing {path} failed: {err.decode(errors='replace').strip().splitlines()[-1:]}")
+    return json.loads(out)
+
+
+def _open_writer(fifo: str, sink: subprocess.Popen) -> int:
+    """A write end of ``fifo`` once the sink has opened its read end (an error if the sink died first)."""
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                raise
+        if sink.poll() is not None:
+            raise OSError(f"the checkpoint writer process exited ({sink.returncode}): "
+                          f"{sink.stderr.read().decode(errors='replace').strip()[-500:] if sink.stderr else ''}")
+        time.sleep(0.002)
+
+
+def _sink() -> None:
+    """Child process of ``save_torch``: FIFO -> aligned buffers -> checksums and (direct) writes; prints the entry."""
+    global BUFFER_BYTES, PIPE_BYTES
+    fifo, path, buffer_bytes, chunk_bytes, pipe_bytes = sys.argv[1:6]
+    BUFFER_BYTES, PIPE_BYTES, atomic.CHUNK_BYTES = int(buffer_bytes), int(pipe_bytes), int(chunk_bytes)
+    fd = os.open(fifo, os.O_RDONLY)
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass  # a smaller pipe is only slower
+    out = DirectFile(Path(path))
+    try:
+        out.fill_from(fd)
     except BaseException:
         out.abort()
         raise
-    return out.close()
+    sys.stdout.write(json.dumps(out.close()))
