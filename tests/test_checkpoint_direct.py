@@ -178,6 +178,42 @@ assert len(entry["xxh3_128_chunks"]) > 4, entry
     assert got["size"] == (tmp_path / "optimizer.bin").stat().st_size
 
 
+def test_the_writer_process_is_not_a_rank_and_outlives_a_stop_signal(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preemption's SIGTERM reaches every process of a Slurm job: the writer process of a save ignores it and
+    finishes the file (the run's own stop saves `latest` through it). It carries no RANK/LOCAL_RANK, so tools that
+    find a run's workers by them (the cluster tests do) do not count it."""
+    import json
+    import signal
+    import time
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    fifo = str(tmp_path / "optimizer.bin")
+    os.mkfifo(fifo)
+    sink = direct.start_sink(fifo, tmp_path / "out.bin")
+    try:
+        fd = direct._open_writer(fifo, sink)
+        data = os.urandom(3 << 20)
+        os.set_blocking(fd, True)
+        os.write(fd, data[:1 << 20])
+        env = (Path("/proc") / str(sink.pid) / "environ").read_bytes().split(b"\0")
+        assert not any(v.startswith((b"RANK=", b"LOCAL_RANK=")) for v in env)
+        assert os.getpgid(sink.pid) != os.getpgid(0)  # its own session: group signals are the run's
+        sink.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert sink.poll() is None  # still writing
+        os.write(fd, data[1 << 20:])
+        os.close(fd)
+        out, err = sink.communicate(timeout=60)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+    assert sink.returncode == 0, err
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert json.loads(out)["size"] == len(data)
+
+
 @pytest.mark.parametrize("asynchronous", [True, False])
 def test_checkpoint_on_a_filesystem_without_o_direct_verifies_and_resumes(tmp_path: Path, asynchronous: bool) -> None:
     """The manager's real path (host copy, writer thread, seal with the writers' entries) on ramfs: the saved

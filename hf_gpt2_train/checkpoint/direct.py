@@ -282,11 +282,7 @@ def save_torch(obj: Any, path: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hf-gpt2-train-save-") as d:
         fifo = os.path.join(d, path.name)
         os.mkfifo(fifo, 0o600)
-        root = str(Path(__file__).resolve().parents[2])  # this checkout's package, whatever the launcher's path
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        sink = subprocess.Popen([sys.executable, "-c", "from hf_gpt2_train.checkpoint.direct import _sink; _sink()",
-                                 fifo, str(path), str(BUFFER_BYTES), str(atomic.CHUNK_BYTES), str(PIPE_BYTES)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+        sink = start_sink(fifo, path)
         try:
             keep = _open_writer(fifo, sink)  # the sink reads: torch's own open cannot block
             try:
@@ -303,6 +299,18 @@ def save_torch(obj: Any, path: Path) -> dict[str, Any]:
     return json.loads(out)
 
 
+def start_sink(fifo: str, path: Path) -> subprocess.Popen:
+    """The process that reads ``fifo`` into ``path`` (``_sink``); its stdout is the manifest entry."""
+    root = str(Path(__file__).resolve().parents[2])  # this checkout's package, whatever the launcher's path
+    # Not a rank: without the launcher's variables (tools that find a run's workers by them must not count it).
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, "-c", "from hf_gpt2_train.checkpoint.direct import _sink; _sink()",
+                             fifo, str(path), str(BUFFER_BYTES), str(atomic.CHUNK_BYTES), str(PIPE_BYTES)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)  # a Ctrl-C or a signal to the run's process group is the run's
+
+
 def _open_writer(fifo: str, sink: subprocess.Popen) -> int:
     """A write end of ``fifo`` once the sink has opened its read end (an error if the sink died first)."""
     while True:
@@ -317,8 +325,20 @@ def _open_writer(fifo: str, sink: subprocess.Popen) -> int:
         time.sleep(0.002)
 
 
+_LAUNCHER_VARS = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                            "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"})
+
+
 def _sink() -> None:
-    """Child process of ``save_torch``: FIFO -> aligned buffers -> checksums and (direct) writes; prints the entry."""
+    """Child process of ``save_torch``: FIFO -> aligned buffers -> checksums and (direct) writes; prints the entry.
+
+    Stop signals are ignored: a preemption's SIGTERM reaches every process of a Slurm job, and the save it makes
+    the run write (``latest``) goes through this process; it ends at the end of its input (the parent closed the
+    FIFO, or died)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     global BUFFER_BYTES, PIPE_BYTES
     fifo, path, buffer_bytes, chunk_bytes, pipe_bytes = sys.argv[1:6]
     BUFFER_BYTES, PIPE_BYTES, atomic.CHUNK_BYTES = int(buffer_bytes), int(pipe_bytes), int(chunk_bytes)
