@@ -112,7 +112,6 @@ class SpikeRollback:
         candidates = broadcast_from_main(self._candidates(stretch.first.step) if self.checkpoints.is_main else [])
         at_step = self.state.step
         skipped_before = list(self.loader.skipped)
-        first, end = stretch.data
         if not candidates:
             if not stretch.skipped:
                 log.warning("spike at %s: no checkpoint from before step %d to roll back to; continuing",
@@ -131,11 +130,7 @@ class SpikeRollback:
         assert manifest is not None
         # The checkpoint predates this rollback: restore what happened since in its place.
         event = self._record(stretch, at_step, done, skipped_before, manifest["path"])
-        text = (f"rollback {len(done) + 1}/{self.cfg.max_rollbacks} at step {at_step}: loss spike at "
-                f"{stretch.describe()}; reloaded step {self.state.step} from {manifest['path']}; the training data "
-                f"of the stretch is skipped: global sequences {first:,}-{end:,} ({event['skipped_tokens']:,} "
-                f"tokens{self._token_range(first, end)})")
-        self._announce(text, done, tracker)
+        self._report(stretch, at_step, done, event, tracker, f"reloaded step {self.state.step} from {manifest['path']}")
         return True
 
     def _rewind(self, stretch: Stretch, at_step: int, done: list[dict[str, Any]],
@@ -148,18 +143,22 @@ class SpikeRollback:
         stretch did apply (spiking, below the skip threshold) stay in; a checkpoint, when there is one, removes
         those too.
         """
-        first, end = stretch.data
         self.state.step = at_step - stretch.skipped
         self.state.tokens_seen -= stretch.skipped * self.tokens_per_step
         event = self._record(stretch, at_step, done, skipped_before, None)  # the data was read: no resume reads it
-        text = (f"rollback {len(done) + 1}/{self.cfg.max_rollbacks} at step {at_step}: loss spike at "
-                f"{stretch.describe()}; no checkpoint from before step {stretch.first.step}, and the skipped updates "
-                f"left the weights untouched: continuing at step {self.state.step} with the same weights (the "
-                f"{stretch.skipped} skipped updates are given back to the schedule); the training data of the stretch "
-                f"is skipped: global sequences {first:,}-{end:,} ({event['skipped_tokens']:,} tokens"
-                f"{self._token_range(first, end)})")
-        self._announce(text, done, tracker)
+        self._report(stretch, at_step, done, event, tracker,
+                     f"no checkpoint from before step {stretch.first.step}, and the skipped updates left the weights "
+                     f"untouched: continuing at step {self.state.step} with the same weights (the {stretch.skipped} "
+                     "skipped updates are given back to the schedule)")
         return True
+
+    def _report(self, stretch: Stretch, at_step: int, done: list[dict[str, Any]], event: dict[str, Any],
+                tracker: Any, what_was_done: str) -> None:
+        first, end = stretch.data
+        self._announce(f"rollback {len(done) + 1}/{self.cfg.max_rollbacks} at step {at_step}: loss spike at "
+                       f"{stretch.describe()}; {what_was_done}; the training data of the stretch is skipped: global "
+                       f"sequences {first:,}-{end:,} ({event['skipped_tokens']:,} tokens"
+                       f"{self._token_range(first, end)})", done, tracker)
 
     def _record(self, stretch: Stretch, at_step: int, done: list[dict[str, Any]],
                 skipped_before: list[tuple[int, int]], checkpoint: str | None) -> dict[str, Any]:
