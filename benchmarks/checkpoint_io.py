@@ -6,7 +6,7 @@ interleaved in one run so that disk and CPU conditions are shared:
 * sync save: ``CheckpointManager.maybe_save`` with ``--async_checkpoint false`` = the files ``save_state``
   writes, fsync of every file and folder, checksums (xxh3_128, chunked, on all cores), manifest, rename into ``latest`` +
   hard-linked ``step_NNNNNNN``, rotation.
-* async save: the same manager with ``--async_checkpoint true`` (the default), followed by one training step
+* async save: the same manager with ``--async_checkpoint true`` (the default on a GPU), followed by one training step
   as in the loop: ``blocked`` is the time ``maybe_save`` keeps the loop (the small files, starting the host
   copy) plus the time that step's optimizer step waits for the host copy to finish; ``background`` the time
   from the return of ``maybe_save`` until the save is on disk. The first asynchronous save, which allocates

@@ -45,6 +45,11 @@ def bool_arg(v: str) -> bool:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def auto_bool_arg(v: str) -> bool | None:
+    """argparse type for true/false/auto flags (a ``bool | None`` field: None is chosen at run time)."""
+    return None if v.strip().lower() == "auto" else bool_arg(v)
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per config field (docstring as help); defaults suppressed so only given flags override."""
     p.add_argument("--preset", default=argparse.SUPPRESS, help="Named preset: gpt2, gpt2-medium, gpt2-large, "
@@ -56,10 +61,11 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             t = str(f.type)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            help_text = f"{docs.get(f.name, '')} (default: {default})"
+            auto = t.startswith("bool") and "None" in t  # true/false, or chosen at run time
+            help_text = f"{docs.get(f.name, '')} (default: {'auto' if auto and default is None else default})"
             if t.startswith("bool"):
-                g.add_argument(f"--{f.name}", nargs="?", const=True, type=bool_arg, default=argparse.SUPPRESS,
-                               metavar="BOOL", help=help_text)
+                g.add_argument(f"--{f.name}", nargs="?", const=True, type=auto_bool_arg if auto else bool_arg,
+                               default=argparse.SUPPRESS, metavar="BOOL|auto" if auto else "BOOL", help=help_text)
                 g.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
                                help=argparse.SUPPRESS)
             elif t.startswith("list"):

@@ -161,8 +161,8 @@ class CheckpointConfig:
     """'latest', 'best', 'backup', 'auto' (latest if any, else fresh), 'hub' (the Hub repo's last-checkpoint/, needs --hub_model_id) or a checkpoint PATH."""
     verify_checkpoint: bool = True
     """Verify every checkpoint file's checksum (xxh3_128; sha256 in older checkpoints) on load, reading every byte in parallel with the load; sizes are always checked."""
-    async_checkpoint: bool = True
-    """Write checkpoints in a background thread: training pauses only to copy the state to host memory (one extra copy of weights + optimizer state in RAM)."""
+    async_checkpoint: bool | None = None
+    """Write checkpoints in the background: training pauses only to copy the state to host memory (one extra copy of weights + optimizer state in RAM). Default ('auto'): on for GPU runs; off on CPU, where training keeps every core busy and a background write does not pay (docs/benchmarks.md, Checkpoint I/O)."""
 
 
 @dataclass
@@ -444,8 +444,8 @@ def parse_bool(value: Any) -> bool:
 def _coerce(value: Any, f: dataclasses.Field) -> Any:
     """``value`` as the field's type; the ConfigError names the field (its caller adds where it came from)."""
     t = str(f.type)
-    if value is None:
-        if "None" in t:
+    if value is None or ("None" in t and isinstance(value, str) and value.strip().lower() == "auto"):
+        if "None" in t:  # 'auto' on the command line: the field's default, chosen at run time
             return None
         raise ConfigError(f"{f.name} may not be null")
     try:

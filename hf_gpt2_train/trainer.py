@@ -96,6 +96,7 @@ class Trainer:
             log.info(micro_batch_note)
         for w in self.plan.warnings:
             log.warning(w)
+        log.info("checkpoint saves: %s", self.checkpoints.save_mode)
         if acc.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

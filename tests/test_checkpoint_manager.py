@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from hf_gpt2_train.checkpoint import CheckpointManager, atomic
+from hf_gpt2_train.checkpoint.writer import choose_background_saves
 from hf_gpt2_train.config import CheckpointConfig, ConfigError, ModelConfig
 from hf_gpt2_train.model import build_model, lm_logits, lm_loss
 from hf_gpt2_train.state import TrainerState
@@ -51,7 +52,10 @@ class Harness:
         self.state, self.loader = TrainerState(), Position()
         self.acc.register_for_checkpointing(self.state)
         self.acc.register_for_checkpointing(self.loader)
-        self.cfg = CheckpointConfig(**{"checkpoint_steps": 2, "keep_last": 2, **ckpt})  # type: ignore[arg-type]
+        # Asynchronous unless a test says otherwise: the default of GPU runs, and the path with more to get wrong
+        # (on CPU the default is synchronous; both write the same files).
+        self.cfg = CheckpointConfig(**{"checkpoint_steps": 2, "keep_last": 2, "async_checkpoint": True,
+                                       **ckpt})  # type: ignore[arg-type]
         run_info = {"config": {"model": dict(vars(model_cfg))}, "effective_precision": "no"}
         self.mgr = CheckpointManager(self.acc, self.cfg, out, run_info)
 
@@ -67,7 +71,7 @@ class Harness:
         return loss.item()
 
     def steps(self, n: int) -> None:
-        """``n`` steps, then wait for the save in flight (saves are asynchronous, as in a real run)."""
+        """``n`` steps, then wait for the save in flight (saves are asynchronous, as in a GPU run)."""
         for _ in range(n):
             self.step()
         self.mgr.wait()
@@ -247,6 +251,24 @@ def test_resumed_from_checkpoint_is_never_rotated_out(tmp_path: Path) -> None:
     assert (root / "step_0000002").is_dir() and atomic.verify(root / "step_0000002").ok
     rolling = sorted(p.name for p in root.iterdir() if p.name.startswith("step_"))
     assert rolling == ["step_0000002", "step_0000008"]  # keep_last=1 plus the protected resume point
+
+
+def test_saves_are_written_in_the_background_where_it_pays_unless_the_flag_says_otherwise(tmp_path: Path) -> None:
+    """auto: synchronous on CPU (training uses every core), asynchronous on an accelerator (the writer uses the
+    host cores the step leaves idle); an explicit flag wins. The reason goes to run_info.json (and the log)."""
+    assert choose_background_saves(None, "cpu")[0] is False
+    for device in ("cuda", "xpu", "mps"):
+        background, reason = choose_background_saves(None, device)
+        assert background and reason.startswith(f"asynchronous: the steps run on the {device} device"), reason
+    for requested in (True, False):
+        assert choose_background_saves(requested, "cpu") == choose_background_saves(requested, "cuda") == (
+            requested, f"{'asynchronous' if requested else 'synchronous'} (--async_checkpoint {str(requested).lower()})")
+    cpu_default = Harness(tmp_path / "auto", async_checkpoint=None)
+    assert cpu_default.mgr.background is False and cpu_default.mgr.run_info["async_checkpoint"] == {
+        "enabled": False, "reason": choose_background_saves(None, "cpu")[1]}
+    cpu_default.step()
+    cpu_default.step()  # step 2 is due: written by the loop, on disk when maybe_save returns
+    assert not cpu_default.mgr.writer.busy and atomic.verify(tmp_path / "auto" / "checkpoints" / "latest").ok
 
 
 def test_background_save_writes_exactly_what_save_state_writes(tmp_path: Path) -> None:

@@ -49,6 +49,24 @@ def test_aliases_of_the_original_system(tmp_path):
     assert cfg.checkpoint.resume_from_checkpoint == "latest" and cfg.run.compile is False
 
 
+def test_auto_picks_the_run_time_default_of_optional_switches(tmp_path, capsys):
+    """--async_checkpoint and --compile default to a choice made at run time (None); 'auto' asks for it explicitly
+    (e.g. to undo a YAML file's true/false); true/false still parse, anything else is named."""
+    parse = build_parser().parse_args
+    cfg = config_from_args(parse(["train", "--preset", "quickstart", "--async_checkpoint", "auto", "--compile", "AUTO"]))
+    assert cfg.checkpoint.async_checkpoint is None and cfg.run.compile is None
+    cfg = config_from_args(parse(["train", "--preset", "quickstart", "--async_checkpoint", "true", "--compile", "off"]))
+    assert cfg.checkpoint.async_checkpoint is True and cfg.run.compile is False
+    for flag, value in (("--async_checkpoint", "sometimes"), ("--hellaswag", "auto")):  # a plain bool has no auto
+        with pytest.raises(SystemExit) as e:
+            parse(["train", "--preset", "quickstart", flag, value])
+        assert e.value.code == 2 and f"argument {flag}: expected true/false, got '{value}'" in capsys.readouterr().err
+    y = tmp_path / "c.yaml"  # the same choice from a YAML file (and a config read back from run_info.json: null)
+    y.write_text("checkpoint:\n  async_checkpoint: auto\nrun:\n  compile: null\n")
+    cfg = build_config(yaml_path=str(y))
+    assert cfg.checkpoint.async_checkpoint is None and cfg.run.compile is None
+
+
 def test_unknown_yaml_keys_rejected_all_at_once(tmp_path):
     y = tmp_path / "bad.yaml"
     y.write_text("optim:\n  learning_rat: 1\n  max_steps: abc\nbogus: 3\n")

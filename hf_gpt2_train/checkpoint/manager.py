@@ -14,7 +14,8 @@ operations). Retention never deletes ``best``, a milestone, ``final`` or the che
 resuming from a tier that rotates (``latest``, ``latest_backup``, ``best``, ``final``) first hard-links it as
 ``step_NNNNNNN`` (no extra disk) and that folder is kept for the rest of the run.
 
-Saves are asynchronous by default (``--async_checkpoint``): the loop pauses only while ``snapshot.py`` copies
+Saves are asynchronous on a GPU and synchronous on CPU by default (``--async_checkpoint``, chosen by
+``writer.choose_background_saves``). An asynchronous save pauses the loop only while ``snapshot.py`` copies
 the state to host memory and writes the small files, then ``writer.py``'s thread writes model and optimizer,
 seals and promotes. The next save waits for the one in flight; the ``final`` save and the save on a stop
 signal are durable when ``maybe_save`` returns. A failed background write raises ``CheckpointSaveError`` at
@@ -43,7 +44,7 @@ from hf_gpt2_train.checkpoint.atomic import MANIFEST, TMP_SAVE, CheckpointInvali
 from hf_gpt2_train.checkpoint.snapshot import StateCapture, fsdp_resume_problem
 from hf_gpt2_train.checkpoint.sync import LaggedAnyFlag, any_rank, broadcast_from_main, distributed
 from hf_gpt2_train.checkpoint.tiers import TierStore, milestone_name, rolling, step_name
-from hf_gpt2_train.checkpoint.writer import BackgroundWriter
+from hf_gpt2_train.checkpoint.writer import BackgroundWriter, choose_background_saves
 from hf_gpt2_train.config import CheckpointConfig, ConfigError
 from hf_gpt2_train.errors import CheckpointSaveError
 from hf_gpt2_train.state import TrainerState
@@ -114,6 +115,8 @@ class CheckpointManager:
         self.tiers = TierStore(self.root, cfg.keep_last)
         self.capture = StateCapture(accelerator)
         self.writer = BackgroundWriter()
+        self.background, self.save_mode = choose_background_saves(cfg.async_checkpoint, accelerator.device.type)
+        run_info["async_checkpoint"] = {"enabled": self.background, "reason": self.save_mode}
         self._in_flight: int | None = None  # step of the save being written in the background (every rank)
         self._fallbacks: dict[str, list[Path]] = {}
         self._last: _LastSave | None = None
@@ -328,7 +331,7 @@ class CheckpointManager:
             tiers.append(milestone_name(step))
         if final:
             tiers.append("final")
-        durable = final or force_latest or not c.async_checkpoint  # the last save of a run must be on disk
+        durable = final or force_latest or not self.background  # the last save of a run must be on disk
         saved = self._save(state, tiers, val_loss, durable) if tiers else None
         if c.checkpoint_minutes > 0 and distributed():
             self._time_flag.start(time.monotonic() - self._last_latest_time >= 60 * c.checkpoint_minutes)

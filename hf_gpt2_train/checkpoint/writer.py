@@ -21,6 +21,27 @@ from dataclasses import dataclass
 WRITER_NICE = 19  # a background write yields the cores to training when both want them
 
 
+def choose_background_saves(requested: bool | None, device_type: str) -> tuple[bool, str]:
+    """Whether saves are written in the background, and why (for the log and run_info.json).
+
+    ``requested``: ``--async_checkpoint`` (None: by device). What is left of a save after ``direct.py`` is CPU
+    work (0.90 s of a gpt2 save's 1.14 s on the 2-core VM): a background write only pays where training leaves
+    host cores idle, as on a GPU, where the step runs on the device (measured with one training thread and a
+    spare core: 0.73x a synchronous save's cost). Training on CPU keeps every core busy: there the background
+    write took its CPU time from the steps and cost the run no less than a synchronous save (docs/benchmarks.md,
+    Checkpoint I/O, 2026-12-04).
+    """
+    if requested is not None:
+        return requested, f"{'asynchronous' if requested else 'synchronous'} (--async_checkpoint " \
+                          f"{str(requested).lower()})"
+    if device_type == "cpu":
+        return False, ("synchronous: training on CPU keeps every core busy, so a background write takes its CPU time "
+                       "from the steps and costs the run no less than a synchronous save (docs/benchmarks.md, "
+                       "Checkpoint I/O); --async_checkpoint true to write in the background anyway")
+    return True, (f"asynchronous: the steps run on the {device_type} device and the writer uses host cores they "
+                  "leave idle (docs/benchmarks.md, Checkpoint I/O); --async_checkpoint false to write synchronously")
+
+
 def yield_cores() -> None:
     """Lower the calling thread to the lowest CPU priority (Linux priorities are per thread; the threads it starts
     inherit it). Best effort: elsewhere, or where it is refused, the thread keeps its priority."""
