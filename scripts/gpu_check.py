@@ -31,6 +31,7 @@ from typing import Any
 
 from gpu_check_memory import memory_modes_step  # scripts/ is sys.path[0] when this file runs
 from gpu_check_muon import step_muon  # scripts/ is this script's folder, first on sys.path
+from gpu_check_saves import step_saves
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -307,6 +308,8 @@ STEPS: list[tuple[str, float, Callable[[Context], dict[str, Any]], str]] = [
     ("bench_gpt2_large", 120, _bench_step("bench_gpt2_large", LARGE, LARGE_BATCH), "gpt2-large: the same"),
     ("train_resume", 100, step_train_resume, f"{TRAIN_STEPS}-step train with compile, save, resume, same losses"),
     ("fsdp2", 80, step_fsdp2, "FSDP2, 10 steps, save, export loads in transformers"),
+    ("saves", 100, lambda ctx: step_saves(ctx, py=PY, dry_run=DRY_RUN), "gpt2: what periodic saves cost a whole run, "
+     "synchronous vs asynchronous (final save only, a save every 15 of 60 steps)"),
     ("bench_gpt2_real_vocab_logits", 45, step_bench_logits, "gpt2 bf16 with the loss GEMM over 50257 rows"),
     ("bench_gpt2_fp8_lm_head", 45, step_bench_fp8_lm_head, "gpt2 fp8 with lm_head in fp8 too"),
     ("memory_modes", 240, memory_modes_step(cli, HALF, StepError), "memory and step time per activation "
@@ -449,6 +452,13 @@ def summary(doc: dict[str, Any]) -> str:
         lines += ["", f"| preset | activation checkpointing ({memory['precision']}) | activation bytes/token | ms/step | "
                   "max micro-batch 24 GB | 40 GB | 80 GB |", "| --- | --- | --- | --- | --- | --- | --- |",
                   *memory["table"]]
+    saves = next((s.get("result") or {} for s in doc["steps"] if s["name"] == "saves"), {})
+    if "wall_s" in saves:
+        w = saves["wall_s"]
+        lines += ["", f"Saves (whole-run wall time): final save only {w['final_only']:.1f} s, synchronous "
+                  f"{w['sync']:.1f} s, asynchronous {w['async']:.1f} s: async costs "
+                  f"{_fmt(saves['async_vs_sync_cost'], '.2f')}x of sync's (target <= 0.5)."]
+
     tr = next((s.get("result") or {} for s in doc["steps"] if s["name"] == "train_resume"), {})
     if "max_abs_loss_diff" in tr:
         lines += ["", f"Resume: max |loss difference| after step {tr['resumed_at']} = {tr['max_abs_loss_diff']:.3g} "

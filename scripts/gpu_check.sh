@@ -5,7 +5,8 @@
 #   Writes OUT_DIR/gpu_check.json (each step's status, wall time, commands, results), OUT_DIR/gpu_check.md (a
 #   summary) and OUT_DIR/gpu_check.log. Steps: environment; bench gpt2 and gpt2-large (ours vs a plain loop; bf16,
 #   fp8 through torchao, TransformerEngine when it imports); a 30-step gpt2 train with compile that saves, resumes
-#   and compares losses; FSDP2 for 10 steps with a save and an export; then, time permitting, the lm_head variants
+#   and compares losses; FSDP2 for 10 steps with a save and an export; what periodic saves cost a whole run
+#   (synchronous vs asynchronous); then, time permitting, the lm_head variants, the activation checkpointing modes
 #   and Muon (its step time against AdamW in one run, a short Muon + WSD run).
 #   Each step is independent: a failure is recorded and the next step runs. Exit code 0 when every step is ok.
 #   GPU_CHECK_DRY_RUN=1: the same steps on CPU at the quickstart size (CI runs this).
@@ -16,7 +17,7 @@
 set -euo pipefail
 
 if [[ $# -ne 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit $(( $# == 1 ? 0 : 2 ))
 fi
 repo=$(cd "$(dirname "$0")/.." && pwd)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 
-STEPS = ["env", "data", "bench_gpt2", "bench_gpt2_large", "train_resume", "fsdp2", "bench_gpt2_real_vocab_logits",
+STEPS = ["env", "data", "bench_gpt2", "bench_gpt2_large", "train_resume", "fsdp2", "saves", "bench_gpt2_real_vocab_logits",
          "bench_gpt2_fp8_lm_head", "memory_modes", "muon"]
 
 
@@ -48,6 +48,9 @@ def test_dry_run_writes_every_step_ok(tmp_path):
     assert resume["bitwise_equal"] and resume["compile"] is True and resume["final_loss"] < resume["first_loss"]
     export = steps["fsdp2"]["result"]
     assert export["class"] == "GPT2LMHeadModel" and export["vocab_size"] == 50257 and export["loss_on_text"] < 11.5
+    saves = steps["saves"]["result"]  # the three runs' wall times (figures) and the saves each one made
+    assert set(saves["wall_s"]) == {"final_only", "sync", "async"} and len(saves["sync_save_s"]) == 2
+    assert saves["async_background_saves"] == 1 and saves["command"][-2:] == ["--data_dir", str(tmp_path / "work" / "data")]
     memory = steps["memory_modes"]["result"]["presets"]["quickstart"]["modes"]
     assert set(memory) == {"none", "full", "selective"}
     assert memory["full"]["activation_memory_gb"] < memory["none"]["activation_memory_gb"]
