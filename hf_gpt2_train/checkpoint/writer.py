@@ -35,11 +35,10 @@ def choose_background_saves(requested: bool | None, device_type: str) -> tuple[b
         return requested, f"{'asynchronous' if requested else 'synchronous'} (--async_checkpoint " \
                           f"{str(requested).lower()})"
     if device_type == "cpu":
-        return False, ("synchronous: training on CPU keeps every core busy, so a background write takes its CPU time "
-                       "from the steps and costs the run no less than a synchronous save (docs/benchmarks.md, "
-                       "Checkpoint I/O); --async_checkpoint true to write in the background anyway")
-    return True, (f"asynchronous: the steps run on the {device_type} device and the writer uses host cores they "
-                  "leave idle (docs/benchmarks.md, Checkpoint I/O); --async_checkpoint false to write synchronously")
+        return False, ("synchronous: training on CPU keeps every core busy, so a background write would slow the "
+                       "steps as much as it saves (--async_checkpoint true to write in the background anyway)")
+    return True, (f"asynchronous: the steps run on the {device_type} device, the writer on host cores they leave idle "
+                  "(--async_checkpoint false to write synchronously)")
 
 
 def yield_cores() -> None:
