@@ -444,8 +444,8 @@ def parse_bool(value: Any) -> bool:
 def _coerce(value: Any, f: dataclasses.Field) -> Any:
     """``value`` as the field's type; the ConfigError names the field (its caller adds where it came from)."""
     t = str(f.type)
-    if value is None or ("None" in t and isinstance(value, str) and value.strip().lower() == "auto"):
-        if "None" in t:  # 'auto' on the command line: the field's default, chosen at run time
+    if value is None or (t == "bool | None" and isinstance(value, str) and value.strip().lower() == "auto"):
+        if "None" in t:  # a true/false/auto switch's 'auto': the default, chosen at run time
             return None
         raise ConfigError(f"{f.name} may not be null")
     try:

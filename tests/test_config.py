@@ -62,9 +62,10 @@ def test_auto_picks_the_run_time_default_of_optional_switches(tmp_path, capsys):
             parse(["train", "--preset", "quickstart", flag, value])
         assert e.value.code == 2 and f"argument {flag}: expected true/false, got '{value}'" in capsys.readouterr().err
     y = tmp_path / "c.yaml"  # the same choice from a YAML file (and a config read back from run_info.json: null)
-    y.write_text("checkpoint:\n  async_checkpoint: auto\nrun:\n  compile: null\n")
-    cfg = build_config(yaml_path=str(y))
-    assert cfg.checkpoint.async_checkpoint is None and cfg.run.compile is None
+    y.write_text("checkpoint:\n  async_checkpoint: auto\n  resume_from_checkpoint: auto\nrun:\n  compile: null\n")
+    cfg = build_config(yaml_path=str(y), cli={"padded_logits": "auto"})
+    assert cfg.checkpoint.async_checkpoint is None and cfg.run.compile is None and cfg.run.padded_logits is None
+    assert cfg.checkpoint.resume_from_checkpoint == "auto"  # a string option's 'auto' is a value, not a default
 
 
 def test_unknown_yaml_keys_rejected_all_at_once(tmp_path):
