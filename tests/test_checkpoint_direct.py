@@ -234,3 +234,43 @@ def test_checkpoint_on_a_filesystem_without_o_direct_verifies_and_resumes(tmp_pa
             assert torch.equal(a, b)
         for a, b in zip(h.opt.state_dict()["state"].values(), resumed.opt.state_dict()["state"].values(), strict=True):
             assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_writer_process_ends_when_the_training_process_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the training process while its writer process waits for torch.save to open the FIFO: the writer
+    process ends too. It ignores stop signals and has its own session, so nothing else would end it (CI's kill -9
+    tests left such processes waiting in `open` for good, one per kill that hit this moment)."""
+    import signal
+    import time
+
+    script = f"""
+import os, sys, time
+from pathlib import Path
+from hf_gpt2_train.checkpoint import direct
+os.mkfifo({str(tmp_path / "optimizer.bin")!r})
+sink = direct.start_sink({str(tmp_path / "optimizer.bin")!r}, Path({str(tmp_path / "out.bin")!r}))
+print(sink.pid, flush=True)
+time.sleep(600)
+"""
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        sink = int(run.stdout.readline())
+        time.sleep(1.5)  # the writer process has started and waits in open() for a writer of the FIFO
+        state = (Path("/proc") / str(sink) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state in "SR", state
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+
+    def gone() -> bool:
+        try:
+            return (Path("/proc") / str(sink) / "stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+        except FileNotFoundError:
+            return True
+
+    end = time.monotonic() + 10
+    while not gone() and time.monotonic() < end:
+        time.sleep(0.05)
+    if not gone():
+        os.kill(sink, signal.SIGKILL)
+        raise AssertionError("the writer process outlived the killed training process")

@@ -306,7 +306,8 @@ def start_sink(fifo: str, path: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, "-c", "from hf_gpt2_train.checkpoint.direct import _sink; _sink()",
-                             fifo, str(path), str(BUFFER_BYTES), str(atomic.CHUNK_BYTES), str(PIPE_BYTES)],
+                             fifo, str(path), str(BUFFER_BYTES), str(atomic.CHUNK_BYTES), str(PIPE_BYTES),
+                             str(os.getpid())],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
                             start_new_session=True)  # a Ctrl-C or a signal to the run's process group is the run's
 
@@ -329,18 +330,36 @@ _LAUNCHER_VARS = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZ
                             "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"})
 
 
+def _die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when the thread that started it ends (Linux ``PR_SET_PDEATHSIG``; the
+    thread waits for this process, so it only ends first when the training process dies); exit now if it died
+    before that took effect. Elsewhere a no-op."""
+    import signal
+
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _sink() -> None:
     """Child process of ``save_torch``: FIFO -> aligned buffers -> checksums and (direct) writes; prints the entry.
 
     Stop signals are ignored: a preemption's SIGTERM reaches every process of a Slurm job, and the save it makes
     the run write (``latest``) goes through this process; it ends at the end of its input (the parent closed the
-    FIFO, or died)."""
+    FIFO) and is killed when the training process dies (a kill -9 before torch.save opened the FIFO would
+    otherwise leave it waiting in ``open`` for good, in its own session where nothing else ends it)."""
     import signal
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     global BUFFER_BYTES, PIPE_BYTES
-    fifo, path, buffer_bytes, chunk_bytes, pipe_bytes = sys.argv[1:6]
+    fifo, path, buffer_bytes, chunk_bytes, pipe_bytes, parent = sys.argv[1:7]
+    _die_with(int(parent))
     BUFFER_BYTES, PIPE_BYTES, atomic.CHUNK_BYTES = int(buffer_bytes), int(pipe_bytes), int(chunk_bytes)
     fd = os.open(fifo, os.O_RDONLY)
     try:
