@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -224,6 +225,10 @@ def test_sigterm_during_a_background_write_then_kill_9_rounds_then_the_printed_c
     assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
     assert losses(out) == losses(reference)
     assert manifest(root / "final")["step"] == 8 and visible_checkpoints_valid(root)
+    # No writer process of a killed incarnation is left behind (they ignore stop signals, in their own session).
+    time.sleep(0.5)
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(root) in " ".join(p.info["cmdline"] or [])]
+    assert not left, left
 
 
 def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
