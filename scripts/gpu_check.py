@@ -309,7 +309,7 @@ STEPS: list[tuple[str, float, Callable[[Context], dict[str, Any]], str]] = [
     ("bench_gpt2_large", 120, _bench_step("bench_gpt2_large", LARGE, LARGE_BATCH), "gpt2-large: the same"),
     ("train_resume", 100, step_train_resume, f"{TRAIN_STEPS}-step train with compile, save, resume, same losses"),
     ("fsdp2", 80, step_fsdp2, "FSDP2, 10 steps, save, export loads in transformers"),
-    ("saves", 100, lambda ctx: step_saves(ctx, py=PY, dry_run=DRY_RUN), "gpt2: what periodic saves cost a whole run, "
+    ("saves", 150, lambda ctx: step_saves(ctx, py=PY, dry_run=DRY_RUN), "gpt2: what periodic saves cost a whole run, "
      "synchronous vs asynchronous (final save only, a save every 15 of 60 steps)"),
     ("bench_gpt2_real_vocab_logits", 45, step_bench_logits, "gpt2 bf16 with the loss GEMM over 50257 rows"),
     ("bench_gpt2_fp8_lm_head", 45, step_bench_fp8_lm_head, "gpt2 fp8 with lm_head in fp8 too"),
