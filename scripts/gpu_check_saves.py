@@ -22,8 +22,8 @@ def step_saves(ctx: Any, *, py: str, dry_run: bool) -> dict[str, Any]:
         save_every, flags = 2, ["--preset", "quickstart", "--max_steps", "4"]
     else:
         save_every = 15
-        flags = ["--preset", "gpt2", "--compile", "false", "--seq_len", "1024", "--per_device_train_batch_size", "16",
-                 "--total_batch_size", "16384", "--max_steps", "60"]  # bf16: the GPU's default precision
+        flags = ["--preset", "gpt2", "--mixed_precision", "bf16", "--compile", "false", "--seq_len", "1024",
+                 "--per_device_train_batch_size", "16", "--total_batch_size", "16384", "--max_steps", "60"]
     ctx.run([py, str(repo / "benchmarks" / "checkpoint_run_wall.py"), "--repeats", "1", "--save_every",
              str(save_every), "--dir", str(ctx.work), "--output", str(out), "--", *flags, *ctx.data()],
             name="final save only vs synchronous vs asynchronous saves")

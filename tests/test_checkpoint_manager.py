@@ -290,6 +290,28 @@ def test_background_save_writes_exactly_what_save_state_writes(tmp_path: Path) -
         assert (ours / name).read_bytes() == (reference / name).read_bytes(), name
 
 
+def test_a_second_background_save_after_torch_closed_its_stager(tmp_path: Path) -> None:
+    """torch 2.11's DefaultStager closes its StateDictStager after every stage(), which empties the table of copiers
+    the next stage() needs: on the GPU machine the second asynchronous save failed with KeyError: <class 'type'>.
+    Put the stager in that state after the first save (torch 2.13 does not do it itself): the next saves replace it
+    and write exactly what ``accelerator.save_state`` writes."""
+    h = Harness(tmp_path / "run", checkpoint_steps=1)
+    h.step()  # step 1: the first background save creates the stager
+    h.mgr.wait()
+    stager = h.mgr.capture._stager
+    stager._state_dict_stager.close()  # what torch 2.11 does at the end of every stage()
+    for _ in range(2):
+        h.step()
+        h.mgr.wait()
+    assert h.mgr.capture._stager is not stager  # replaced once, then reused
+    reference = tmp_path / "save_state"
+    h.acc.save_state(str(reference))
+    ours = tmp_path / "run" / "checkpoints" / "latest"
+    assert json.loads((ours / "manifest.json").read_text())["step"] == 3
+    for name in ("model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"):
+        assert (ours / name).read_bytes() == (reference / name).read_bytes(), name
+
+
 def test_stop_save_with_a_write_in_flight_waits_for_it_and_is_durable(tmp_path: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """What the trainer does on SIGTERM: a save at the next step boundary with ``force_latest`` while the previous

@@ -62,6 +62,15 @@ def fsdp_mode(accelerator: Any) -> str | None:
     return FSDP_FULL if "FULL" in kind else FSDP_SHARDED
 
 
+def _spent(stager: Any) -> bool:
+    """Whether a ``DefaultStager`` can no longer stage: torch 2.11's closes its ``StateDictStager`` after every
+    ``stage()``, which empties the copier table the next ``stage()`` needs (the second asynchronous save on a GPU
+    failed with ``KeyError: <class 'type'>``). A spent stager is replaced by a new one (its pinned buffers are
+    gone with the close anyway); where torch keeps the table (2.13) the stager and its buffers are reused."""
+    table = getattr(getattr(stager, "_state_dict_stager", None), "_deepcopy_dispatch", None)
+    return isinstance(table, dict) and not table
+
+
 def fsdp_resume_problem(folder: Path, mode: str | None) -> str | None:
     """Why ``folder`` cannot be loaded by ``load_state`` under this FSDP mode (None: it can)."""
     if mode == FSDP_FULL and not (folder / "pytorch_model_fsdp.bin").is_file():
@@ -169,6 +178,9 @@ class StateCapture:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         cuda = self.acc.device.type == "cuda"
+        if self._stager is not None and _spent(self._stager):
+            self._stager.close()  # its last copy is complete: the writer of the previous save has consumed it
+            self._stager = None
         if self._stager is None:
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                         use_async_staging=True, use_non_blocking_copy=cuda))
