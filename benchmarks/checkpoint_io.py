@@ -37,6 +37,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -110,21 +112,30 @@ def loop_view(train_step: Any, state: Any, steps: Any, managers: dict[str, Any],
             "step_in_flight_ratio": in_flight / step_med["none"] if in_flight else None}
 
 
-def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: int, tokens: int,
-        parts: set[str], train_threads: int = 0, loop_repeats: int = 1) -> dict[str, Any]:
+@dataclass
+class TrainingState:
+    """A CPU training setup whose state is saved as the trainer's is: model, fused AdamW, TrainerState and a
+    loader position registered with the Accelerator; ``train_step`` trains one sequence of random tokens."""
+
+    acc: Any
+    model: Any
+    opt: Any
+    state: Any
+    train_step: Callable[[], None]
+    info: dict[str, Any]  # run_info for a CheckpointManager
+
+
+def training_state(preset: str, tokens: int, output_dir: Path) -> TrainingState:
     from accelerate import Accelerator
 
-    from hf_gpt2_train.checkpoint import CheckpointManager
-    from hf_gpt2_train.checkpoint.atomic import CHECKSUM
-    from hf_gpt2_train.config import CheckpointConfig, build_config
+    from hf_gpt2_train.config import build_config
     from hf_gpt2_train.model import build_model, lm_logits, lm_loss
     from hf_gpt2_train.state import TrainerState
 
-    cfg = build_config(preset=preset, cli={"output_dir": str(workdir / "run")})
+    cfg = build_config(preset=preset, cli={"output_dir": str(output_dir)})
     acc = Accelerator(cpu=True)
     model = build_model(cfg.model, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    model, opt = acc.prepare(model, opt)
+    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
     gen = torch.Generator().manual_seed(0)
 
     def train_step() -> None:
@@ -133,11 +144,21 @@ def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: i
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    train_step()  # real AdamW state
     state = TrainerState()
     acc.register_for_checkpointing(state)
     acc.register_for_checkpointing(_Position())
-    info = {"config": cfg.to_dict(), "effective_precision": "no"}
+    return TrainingState(acc, model, opt, state, train_step, {"config": cfg.to_dict(), "effective_precision": "no"})
+
+
+def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: int, tokens: int,
+        parts: set[str], train_threads: int = 0, loop_repeats: int = 1) -> dict[str, Any]:
+    from hf_gpt2_train.checkpoint import CheckpointManager
+    from hf_gpt2_train.checkpoint.atomic import CHECKSUM
+    from hf_gpt2_train.config import CheckpointConfig
+
+    t = training_state(preset, tokens, workdir / "run")
+    acc, model, opt, state, train_step, info = t.acc, t.model, t.opt, t.state, t.train_step, t.info
+    train_step()  # real AdamW state
 
     def manager(name: str, asynchronous: bool) -> CheckpointManager:
         c = CheckpointConfig(checkpoint_steps=1, keep_last=1, async_checkpoint=asynchronous)

@@ -44,41 +44,16 @@ INTERFERERS = {
 }
 
 
-class _Position:
-    """Stands for the train loader's registered state."""
-
-    def state_dict(self) -> dict[str, int]:
-        return {"pos": 0}
-
-    def load_state_dict(self, d: dict[str, int]) -> None:
-        pass
-
-
 def measure(preset: str, tokens: int, steps: int, save_every: int, repeats: int, workdir: Path) -> dict[str, Any]:
-    from accelerate import Accelerator
+    from checkpoint_io import training_state  # benchmarks/ is this script's folder, first on sys.path
 
     from hf_gpt2_train.checkpoint import CheckpointManager
-    from hf_gpt2_train.config import CheckpointConfig, build_config
-    from hf_gpt2_train.model import build_model, lm_logits, lm_loss
-    from hf_gpt2_train.state import TrainerState
+    from hf_gpt2_train.config import CheckpointConfig
 
-    cfg = build_config(preset=preset, cli={"output_dir": str(workdir)})
-    acc = Accelerator(cpu=True)
-    model = build_model(cfg.model, seed=0)
-    model, opt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True))
-    gen = torch.Generator().manual_seed(0)
-
-    def train_step() -> None:
-        x = torch.randint(0, cfg.model.vocab_size, (1, tokens + 1), generator=gen)
-        acc.backward(lm_loss(lm_logits(model, x[:, :-1], cfg.model.vocab_size), x[:, 1:]))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    state = TrainerState()
-    acc.register_for_checkpointing(state)
-    acc.register_for_checkpointing(_Position())
+    t = training_state(preset, tokens, workdir)
+    acc, state, train_step = t.acc, t.state, t.train_step
     mgr = CheckpointManager(acc, CheckpointConfig(checkpoint_steps=1, keep_last=1, async_checkpoint=True), workdir,
-                            {"config": cfg.to_dict(), "effective_precision": "no"})
+                            t.info)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     train_step()
