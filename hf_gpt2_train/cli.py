@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from hf_gpt2_train.config import SECTIONS, ConfigError, build_config, field_docs, parse_bool
+from hf_gpt2_train.config import SECTIONS, ConfigError, build_config, field_docs, parse_auto_bool, parse_bool
 
 # The original system's flags, kept working: alias -> (field, value or None to take the given value).
 ALIASES: dict[str, tuple[str, Any]] = {
@@ -47,7 +47,10 @@ def bool_arg(v: str) -> bool:
 
 def auto_bool_arg(v: str) -> bool | None:
     """argparse type for true/false/auto flags (a ``bool | None`` field: None is chosen at run time)."""
-    return None if v.strip().lower() == "auto" else bool_arg(v)
+    try:
+        return parse_auto_bool(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:

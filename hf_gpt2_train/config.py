@@ -441,16 +441,23 @@ def parse_bool(value: Any) -> bool:
     raise ValueError(f"expected true/false, got {value!r}")
 
 
+def parse_auto_bool(value: Any) -> bool | None:
+    """As ``parse_bool``, or 'auto' (any case): None, the default chosen at run time."""
+    return None if isinstance(value, str) and value.strip().lower() == "auto" else parse_bool(value)
+
+
 def _coerce(value: Any, f: dataclasses.Field) -> Any:
     """``value`` as the field's type; the ConfigError names the field (its caller adds where it came from)."""
     t = str(f.type)
-    if value is None or (t == "bool | None" and isinstance(value, str) and value.strip().lower() == "auto"):
-        if "None" in t:  # a true/false/auto switch's 'auto': the default, chosen at run time
+    if value is None:
+        if "None" in t:
             return None
         raise ConfigError(f"{f.name} may not be null")
     try:
         if t == "int | str":  # a number or a keyword ('auto')
             return value.strip().lower() if isinstance(value, str) and not value.strip().lstrip("-").isdigit() else int(value)
+        if t == "bool | None":  # a true/false/auto switch
+            return parse_auto_bool(value)
         if t.startswith("bool"):
             return parse_bool(value)
         if t.startswith("int"):
