@@ -33,6 +33,8 @@ def test_readme_quickstart_trains_offline_with_no_warning(readme_quickstart: Qui
     assert val and val[-1]["eval/val_loss"] < 7.5
     info = json.loads((out / "run_info.json").read_text())
     assert info["effective_precision"] == "fp32" and info["precision"] == "fp32" and info["world_size"] == 1
+    assert info["async_checkpoint"]["enabled"] is False  # the CPU default, chosen at run time and recorded
+    assert f"checkpoint saves: {info['async_checkpoint']['reason']}" in (out / "train.log").read_text()
     assert (out / "checkpoints" / "final" / "manifest.json").is_file()
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # the default tracker (TensorBoard) was on
     assert (out / "train.log").read_text().count("step ") >= 6
