@@ -178,13 +178,6 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"hf-gpt2-train: training stopped: {message}", file=sys.stderr)
         code = EXIT_PEER_LOST
-    dist = sys.modules.get("torch.distributed")
-    if code == 2 and dist is not None and dist.is_available() and dist.is_initialized():
-        # A refusal at start (on every rank, process group up, nothing trained or tracked yet) left gloo's threads
-        # running, and the interpreter's teardown of them once aborted a worker in CI-like runs ("terminate called
-        # without an active exception": SIGABRT instead of exit 2). The line is printed and logs are flushed per
-        # line: leave without that teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code or 0)
+    from hf_gpt2_train.process_exit import leave
+
+    leave(code or 0)  # a process of a multi-process run skips the interpreter teardown (gloo aborts in it)

@@ -20,6 +20,7 @@ from hf_gpt2_train.config import build_config
 from hf_gpt2_train.data.tokenizer import get_encoding
 from hf_gpt2_train.evaluate import Evaluator, hellaswag_eval
 from hf_gpt2_train.model import build_model
+from hf_gpt2_train.process_exit import leave
 
 shared, out = sys.argv[1], sys.argv[2]
 cfg = build_config("quickstart", cli={"hellaswag_path": f"{shared}/hellaswag_val.jsonl", "hellaswag_limit": 41,
@@ -37,6 +38,7 @@ metrics, samples = ev.run(step=100)
 hs = hellaswag_eval(model, ev.hellaswag, enc, acc, 50257, limit=41, batch_examples=4)
 json.dump({"metrics": metrics, "samples": samples, "hellaswag": hs, "world": acc.num_processes,
            "is_ddp": type(model).__name__}, open(f"{out}/rank{acc.process_index}.json", "w"))
+leave(0)  # as the CLI ends a multi-process run: gloo can abort a worker in the interpreter's teardown
 '''
 
 

@@ -247,6 +247,7 @@ from types import SimpleNamespace
 import torch.distributed as dist
 import hf_gpt2_train.hub.push as push
 from hf_gpt2_train.hub.end import push_at_end
+from hf_gpt2_train.process_exit import leave
 
 dist.init_process_group("gloo", timeout=timedelta(seconds=3))  # a training group with a short timeout
 rank = dist.get_rank()
@@ -261,7 +262,9 @@ ok = push_at_end(SimpleNamespace(num_processes=2, is_main_process=rank == 0), "u
 waited = time.time() - t0
 dist.barrier()  # the training group is still usable after the wait
 dist.destroy_process_group()
-json.dump({"ok": ok, "waited": waited}, open(f"{sys.argv[1]}/rank{rank}.json", "w"))
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump({"ok": ok, "waited": waited}, f)
+leave(0)  # as the CLI ends a multi-process run: gloo can abort a worker in the interpreter's teardown
 """
 
 
