@@ -136,7 +136,8 @@ class RunConfig:
 @dataclass
 class PrecisionConfig:
     mixed_precision: str | None = None
-    """'no', 'fp16', 'bf16' or 'fp8' (default: what the accelerate config says)."""
+    """'no' (fp32), 'fp16', 'bf16' or 'fp8' (default: the accelerate config's; with none, bf16 on a CUDA GPU with
+    bf16, else fp32)."""
     fp8_backend: str = "auto"
     """fp8 backend: 'te' (TransformerEngine), 'ao' (torchao) or 'auto' (TE if usable, else torchao, else bf16)."""
     fp8_emulate: bool = False

@@ -58,7 +58,7 @@ class PrecisionPlan:
     """What the user asked for, what will run, and how the Accelerator must be built for it."""
 
     requested: str
-    """'no', 'fp16', 'bf16' or 'fp8' (from --mixed_precision, else the accelerate config, else 'no')."""
+    """'no', 'fp16', 'bf16' or 'fp8' (from --mixed_precision, else the accelerate config, else default_precision)."""
     effective: str
     """What runs: one of EFFECTIVE_PRECISIONS ('no' is fp32)."""
     accelerator_mixed_precision: str
@@ -67,6 +67,8 @@ class PrecisionPlan:
     """For Accelerator(kwargs_handlers=...): AORecipeKwargs on the fp8-ao path, else empty."""
     warnings: list[str] = field(default_factory=list)
     """Fallbacks and ignored options, one line each: the trainer logs them at start."""
+    source: str = "--mixed_precision"
+    """Who chose ``requested``: '--mixed_precision', 'accelerate config' or 'default' (see default_precision)."""
     device_type: str = "cpu"
     """Device the plan was made for ('cpu', 'cuda', ...)."""
     te_recipe: Any = None
@@ -118,6 +120,7 @@ class PrecisionPlan:
             "effective_precision": self.effective,
             "fp8_backend": self.fp8_backend,
             "precision_warnings": list(self.warnings),
+            "precision_source": self.source,
         }
 
 
@@ -177,6 +180,17 @@ def _quiet_import_torchao() -> Any:
     return f8
 
 
+def default_precision(device_type: str) -> str:
+    """The precision of a run that names none (no --mixed_precision, no accelerate config): bf16 autocast on a
+    CUDA GPU that has bf16 (what build-nanogpt and litgpt train GPT-2 in; fp32 there is several times slower),
+    fp32 everywhere else (CPUs without bf16 instructions run it ~30x slower; fp16 needs loss scaling)."""
+    return "bf16" if device_type == "cuda" and _cuda_bf16_capable() else "no"
+
+
+def _cuda_bf16_capable() -> bool:
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _cuda_fp8_capable() -> bool:
     major, minor = torch.cuda.get_device_capability()
     return (major, minor) >= (8, 9)
@@ -198,7 +212,7 @@ def plan_precision(cfg: PrecisionConfig, device_type: str | None = None) -> Prec
     """Decide what runs, before the Accelerator exists. Never raises for a missing backend: it falls back.
 
     ``cfg.mixed_precision`` None means the accelerate config's choice (``ACCELERATE_MIXED_PRECISION``, set by
-    ``accelerate launch``), else 'no'. ``fp8_backend='auto'`` follows the accelerate config's ``fp8_config.backend``
+    ``accelerate launch``), else ``default_precision`` (bf16 on a CUDA GPU that has it, fp32 elsewhere). ``fp8_backend='auto'`` follows the accelerate config's ``fp8_config.backend``
     (``ACCELERATE_FP8_BACKEND``) when it names TE or AO, else TE if usable, else torchao.
 
     Side effect: ``ACCELERATE_FP8_BACKEND`` is removed from ``os.environ``. The plan owns the backend from here on;
@@ -207,7 +221,12 @@ def plan_precision(cfg: PrecisionConfig, device_type: str | None = None) -> Prec
     Raises ConfigError only for contradictory input (unknown precision, --fp8_emulate with --fp8_backend te).
     """
     device_type = device_type or detect_device_type()
-    requested = (cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
+    if cfg.mixed_precision:
+        requested, source = cfg.mixed_precision.lower(), "--mixed_precision"
+    elif os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        requested, source = os.environ["ACCELERATE_MIXED_PRECISION"].lower(), "accelerate config"
+    else:
+        requested, source = default_precision(device_type), "default"
     if requested not in PRECISIONS:
         raise ConfigError(f"mixed_precision {requested!r} is not one of {'/'.join(PRECISIONS)}: "
                           "fix --mixed_precision or the accelerate config")
@@ -224,7 +243,7 @@ def plan_precision(cfg: PrecisionConfig, device_type: str | None = None) -> Prec
 
     def plan(effective: str, mp: str, **kw: Any) -> PrecisionPlan:
         return PrecisionPlan(requested=requested, effective=effective, accelerator_mixed_precision=mp,
-                             warnings=warns, device_type=device_type, lm_head=cfg.fp8_lm_head,
+                             warnings=warns, source=source, device_type=device_type, lm_head=cfg.fp8_lm_head,
                              min_dim=cfg.fp8_min_dim, **kw)
 
     if requested != "fp8":
@@ -461,6 +480,8 @@ def describe(plan: PrecisionPlan, coverage: dict[str, Any] | None = None) -> str
     s = f"precision: {precision_name(plan.effective, cov)}"
     if plan.requested != plan.effective and not (plan.requested == "fp8" and plan.is_fp8):
         s += f" (requested {precision_id(plan.requested)})"
+    elif plan.source == "default":
+        s += " (the default on this device; --mixed_precision no|bf16|fp8 to choose)"
     if plan.is_fp8 and coverage is not None:
         s += (f"; fp8 runs {coverage['fp8_coverage']:.1%} of weight-matmul FLOPs "
               f"({coverage['fp8_block_coverage']:.1%} of block matmuls, {coverage['fp8_layers']} layers)")

@@ -201,6 +201,30 @@ def test_precision_comes_from_the_accelerate_config_and_its_backend_variable_is_
     assert plan_precision(PrecisionConfig(mixed_precision="no"), "cpu").effective == "no"  # the flag wins
 
 
+def test_a_run_that_names_no_precision_trains_in_bf16_on_a_gpu_with_bf16_and_fp32_elsewhere(monkeypatch):
+    """No --mixed_precision and no accelerate config: bf16 on a CUDA GPU that has it, fp32 on CPU and older GPUs.
+    A GPU cannot exist here: its bf16 capability is the one thing stood in for."""
+    import hf_gpt2_train.precision as precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    cpu = plan_precision(PrecisionConfig(), "cpu")
+    assert (cpu.requested, cpu.effective, cpu.source) == ("no", "no", "default") and cpu.warnings == []
+    assert "the default on this device" in describe(cpu)
+    assert precision_info(cpu)["precision_source"] == "default"
+    for has_bf16, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(precision, "_cuda_bf16_capable", lambda has_bf16=has_bf16: has_bf16)
+        gpu = plan_precision(PrecisionConfig(), "cuda")
+        assert (gpu.requested, gpu.effective, gpu.accelerator_mixed_precision) == (expected, expected, expected)
+        assert gpu.source == "default" and gpu.warnings == []
+    monkeypatch.setattr(precision, "_cuda_bf16_capable", lambda: True)
+    flag = plan_precision(PrecisionConfig(mixed_precision="no"), "cuda")  # a named precision is kept
+    assert (flag.effective, flag.source) == ("no", "--mixed_precision")
+    assert "default" not in describe(flag)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # so is an accelerate config's
+    assert (plan_precision(PrecisionConfig(), "cuda").effective,
+            plan_precision(PrecisionConfig(), "cuda").source) == ("no", "accelerate config")
+
+
 def test_contradictory_precision_input_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="--fp8_backend ao"):
         plan_precision(PrecisionConfig(mixed_precision="fp8", fp8_emulate=True, fp8_backend="te"), "cpu")
