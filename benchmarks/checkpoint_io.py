@@ -28,22 +28,18 @@ Targets: verified load <= 1.3x the baseline load; blocked time per async save <=
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from results import add_folder_args, scratch_folder, stamp, write_results  # benchmarks/ is first on sys.path
 
 
 def _fsync_dir(path: Path) -> None:
@@ -239,12 +235,9 @@ def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: i
     loop = loop_view(train_step, state, steps, {"sync": sync_mgr, "async": async_mgr}, loop_steps, save_every,
                      loop_repeats if "loop" in parts else 0, train_threads)
     med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
-    load_avg = os.getloadavg() if hasattr(os, "getloadavg") else None
     ckpt = workdir / "sync" / "checkpoints" / "latest"
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "load_average_at_end": load_avg,  # other work on the machine (the measurement shares it)
+        **stamp(torch.__version__),
         "preset": preset,
         "checksum": CHECKSUM,  # what saves record (docs/bench results without this key used sha256)
         "params": sum(p.numel() for p in model.parameters()),
@@ -265,8 +258,7 @@ def run(preset: str, workdir: Path, repeats: int, loop_steps: int, save_every: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="gpt2", help="Model preset (default gpt2, 124M).")
-    ap.add_argument("--dir", default="", help="Folder to write in (default: a new folder in the system temp folder; "
-                    "pass a folder on the disk your checkpoints go to). Removed afterwards.")
+    add_folder_args(ap)
     ap.add_argument("--repeats", type=int, default=3, help="Saves/loads per side; medians are reported.")
     ap.add_argument("--loop_steps", type=int, default=12, help="Training steps of the loop's-view measurement.")
     ap.add_argument("--save_every", type=int, default=4, help="Save every N steps in the loop's-view measurement.")
@@ -276,16 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="saves,loads,loop", help="What to measure (comma-separated).")
     ap.add_argument("--train_threads", type=int, default=0, help="torch threads for the loop's view (0: torch's "
                     "default). 1 on a 2-core machine leaves a core to the writer, as a GPU leaves the CPU to it.")
-    ap.add_argument("--output", default="", help="Also write the results as JSON to this file.")
     args = ap.parse_args(argv)
-    if args.dir:
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or None))
-    try:
+    with scratch_folder("ckpt-bench-", args.dir) as workdir:
         res = run(args.preset, workdir, args.repeats, args.loop_steps, args.save_every, args.tokens,
                   set(args.parts.split(",")), args.train_threads, args.loop_repeats)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     m = res["median_s"]
     gb = {k: f"{res[k] / 1e9:.2f} GB" if res[k] else "-" for k in ("checkpoint_bytes", "baseline_bytes")}
     print(f"\n{args.preset}: {res['params'] / 1e6:.0f}M params, checkpoint {gb['checkpoint_bytes']} (baseline file "
@@ -317,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step time: {1000 * st['none']:.0f} ms without saves, {1000 * st['async_in_flight']:.0f} ms while a "
                   f"background write is in flight ({lp['step_in_flight_ratio']:.3f}x; target <= 1.05x with one "
                   f"training thread and a spare core)")
-    if args.output:
-        Path(args.output).write_text(json.dumps(res, indent=1))
+    write_results(args.output, res)
     return 0
 
 

@@ -14,19 +14,16 @@ extra ``train`` flags after ``--`` (e.g. ``-- --preset quickstart --max_steps 8`
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import re
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from results import add_folder_args, scratch_folder, stamp, write_results  # benchmarks/ is first on sys.path
 
 # The run: gpt2 (1.5 GB of state per save), 60 short fp32 steps, no evaluation work but the final one.
 TRAIN_FLAGS = ["--preset", "gpt2", "--seq_len", "32", "--per_device_train_batch_size", "1", "--total_batch_size", "32",
@@ -65,9 +62,7 @@ def run(flags: list[str], save_every: int, repeats: int, workdir: Path) -> dict[
     med = {m: statistics.median(x["wall_s"] for x in v) for m, v in runs.items()}
     sync_cost, async_cost = med["sync"] - med["final_only"], med["async"] - med["final_only"]
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        **stamp(),
         "command": ["python", "-m", "hf_gpt2_train", "train", *flags],
         "save_every": save_every, "repeats": repeats, "runs": runs, "median_wall_s": med,
         "sync_cost_s": sync_cost, "async_cost_s": async_cost,
@@ -79,26 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="Runs of each mode (rotating order); medians reported.")
     ap.add_argument("--save_every", type=int, default=15, help="--checkpoint_steps of the sync and async runs.")
-    ap.add_argument("--dir", default="", help="Folder to write the runs in (default: a new folder in the system temp "
-                    "folder; pass a folder on the disk your checkpoints go to). Removed afterwards.")
-    ap.add_argument("--output", default="", help="Also write the results as JSON to this file.")
+    add_folder_args(ap)
     ap.add_argument("train_flags", nargs="*", help="After --: train flags added to (and overriding) the defaults.")
     args = ap.parse_args(argv)
-    if args.dir:
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="ckpt-run-wall-", dir=args.dir or None))
-    try:
+    with scratch_folder("ckpt-run-wall-", args.dir) as workdir:
         res = run(TRAIN_FLAGS + args.train_flags, args.save_every, args.repeats, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     med, ratio = res["median_wall_s"], res["async_vs_sync_cost"]
     print(f"\nwhole-run wall time, median of {args.repeats} ({res['machine']}): "
           + ", ".join(f"{m} {v:.1f}s" for m, v in med.items()))
     print(f"periodic saves cost: sync +{res['sync_cost_s']:.1f}s, async +{res['async_cost_s']:.1f}s "
           f"({'-' if ratio is None else f'{ratio:.2f}'} of sync's; target <= 0.5)")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(res, indent=1))
+    write_results(args.output, res)
     return 0
 
 

@@ -21,23 +21,20 @@ Usage: ``python benchmarks/save_decomposition.py [--preset gpt2] [--dir PATH] [-
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import OrderedDict
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from results import add_folder_args, scratch_folder, stamp, write_results  # benchmarks/ is first on sys.path
 
 
 def _cpu() -> float:
@@ -202,9 +199,7 @@ def run(preset: str, workdir: Path, repeats: int) -> dict[str, Any]:
         shutil.rmtree(folder)
     med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in parts.items()}
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "load_average_at_end": os.getloadavg(),
+        **stamp(torch.__version__),
         "preset": preset,
         "state_bytes": state_bytes,
         "repeats": repeats,
@@ -224,18 +219,11 @@ def _pool() -> Any:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="gpt2", help="Model preset (default gpt2, 124M).")
-    ap.add_argument("--dir", default="", help="Folder to write in (default: a new folder in the system temp folder; "
-                    "pass a folder on the disk your checkpoints go to). Removed afterwards.")
+    add_folder_args(ap)
     ap.add_argument("--repeats", type=int, default=3, help="Repeats of every part; medians are reported.")
-    ap.add_argument("--output", default="", help="Also write the results as JSON to this file.")
     args = ap.parse_args(argv)
-    if args.dir:
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="save-decomposition-", dir=args.dir or None))
-    try:
+    with scratch_folder("save-decomposition-", args.dir) as workdir:
         res = run(args.preset, workdir, args.repeats)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{args.preset}: {res['state_bytes'] / 1e9:.2f} GB of state, median of {args.repeats}; {res['machine']}")
     print(f"{'part':58s}{'wall s':>8s}{'CPU s':>8s}{'faults':>10s}")
     for name, m in res["median"].items():
@@ -244,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GIL, {name} writer on a thread: longest main-thread stall {g['longest_stall_ms']:.1f} ms, "
               f"{g['stalled_s']:.2f} s in stalls over 1 ms")
     print("host RAM for staging: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in res["staging_bytes_per_preset"].items()))
-    if args.output:
-        Path(args.output).write_text(json.dumps(res, indent=1))
+    write_results(args.output, res)
     return 0
 
 

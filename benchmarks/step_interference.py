@@ -23,20 +23,15 @@ Usage: ``python benchmarks/step_interference.py --repeats 3 --output docs/bench/
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
 import torch
+from results import add_folder_args, scratch_folder, stamp, write_results  # benchmarks/ is first on sys.path
 
 INTERFERERS = {
     "cpu_spin": "x = 0\nwhile True:\n    x = (x + 1) & 0xFFFF\n",
@@ -87,8 +82,7 @@ def measure(preset: str, tokens: int, steps: int, save_every: int, repeats: int,
     # A small model's save may be written before the next step begins: no step of that mode is measured.
     med = {m: statistics.median(v) if v else None for m, v in step_s.items()}
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        **stamp(torch.__version__),
         "command": ["python", "benchmarks/step_interference.py", *sys.argv[1:]],
         "preset": preset, "tokens_per_step": tokens, "steps_per_mode": steps, "save_every": save_every,
         "repeats": repeats, "train_threads": 1, "step_s": step_s, "median_step_s": med,
@@ -103,19 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12, help="Training steps per mode and repeat.")
     ap.add_argument("--save_every", type=int, default=4, help="A save every N steps in the save_in_flight mode.")
     ap.add_argument("--repeats", type=int, default=3, help="Rounds over the modes (rotating order).")
-    ap.add_argument("--output", default="", help="Also write the results as JSON to this file.")
+    add_folder_args(ap)
     args = ap.parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="step-interference-"))
-    try:
+    with scratch_folder("step-interference-", args.dir) as workdir:
         res = measure(args.preset, args.tokens, args.steps, args.save_every, args.repeats, workdir)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     print(f"\none training thread, the other core ({res['machine']}): "
           + ", ".join(f"{m} -" if v is None else f"{m} {v * 1e3:.0f} ms ({res['vs_alone'][m]:.2f}x)"
                       for m, v in res["median_step_s"].items()))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(res, indent=1))
+    write_results(args.output, res)
     return 0
 
 
