@@ -60,8 +60,8 @@ def wait_until(cond: Callable[[], object], what: str, timeout: float, poll: floa
 class Node:
     """One "machine": a network namespace, a hostname, an address; ``argv()`` runs a command on it."""
 
-    def __init__(self, netns: str, hostname: str, addr: str, hosts_file: Path):
-        self.netns, self.hostname, self.addr = netns, hostname, addr
+    def __init__(self, netns: str, hostname: str, addr: str, hosts_file: Path, link: str):
+        self.netns, self.hostname, self.addr, self.link = netns, hostname, addr, link
         # A UTS + mount namespace (its hostname, its /etc/hosts) entered with the network namespace; the holder
         # process keeps them alive. /sys stays the host's (slurmd reads cgroups there).
         script = (f"hostname {hostname} && mount --bind {hosts_file} /etc/hosts && echo ready && "
@@ -88,6 +88,11 @@ class Node:
     def popen(self, *cmd: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         f = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         return subprocess.Popen(self.argv(*cmd), stdout=f, stderr=subprocess.STDOUT, env=env)
+
+    def set_link(self, up: bool) -> None:
+        """Plug or unplug this node's network link: down, every packet to and from it is dropped and no connection
+        is closed (a partition, or a node that froze), unlike a killed process whose connections close at once."""
+        _run(["ip", "-n", self.netns, "link", "set", self.link, "up" if up else "down"])
 
     def private_folder(self, path: Path, backing: Path) -> None:
         """Make ``path`` node-local on this node: its own empty folder (``backing``) mounted over it."""
@@ -146,7 +151,7 @@ class Cluster:
                 _run(["ip", "-n", ns, "addr", "add", f"{SUBNET}.{i + 1}/24", "dev", veth[i]])
                 _run(["ip", "-n", ns, "link", "set", veth[i], "up"])
                 _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            self.nodes = [Node(ns, name, f"{SUBNET}.{i + 1}", hosts) for i, (ns, name) in
+            self.nodes = [Node(ns, name, f"{SUBNET}.{i + 1}", hosts, veth[i]) for i, (ns, name) in
                           enumerate(zip(self.netns, names, strict=True))]
         except BaseException:
             self.close()

@@ -7,6 +7,8 @@ answers for all of them: a 2-node run through ``accelerate launch`` and through 
 killed (twice: once it comes back, once it does not), and a Slurm job that is preempted and then reaches its
 time limit. On the CPU in fp32 they must all produce the reference's losses bit for bit: the data order is a
 function of the global position and the gradient all-reduce sums the same two ranks in the same order.
+A last run has its node cut off from the network mid-run (no losses compared: it is how the survivor ends that
+counts).
 
 The reference itself is the shipped one-node sbatch (scripts/slurm/train.sbatch) running uninterrupted on one
 node with two processes; the multi-node job is the shipped scripts/slurm/train_multinode.sbatch. Both get CPU
@@ -349,3 +351,42 @@ def test_slurm_job_at_its_time_limit_then_preempted_requeues_and_finishes(slurm:
     runs = out / "runs"  # one TensorBoard run (named after the output folder) across the three runs of the job
     assert sorted({p.parent.relative_to(runs).as_posix() for p in runs.rglob("events.out.tfevents.*")}) == ["run"]
     print(f"Slurm job {job}: stopped at steps {[s for _, s in stops]} (time limit, then preemption), 3 runs")
+
+
+def test_a_node_cut_off_without_a_word_ends_the_run_within_the_hang_timeout(slurm: SlurmCluster,
+                                                                            tmp_path: Path) -> None:
+    """A partition: node2's link goes down at a random step. Unlike a kill, no connection closes: node1's worker
+    just waits in its next collective, and would until the collective timeout (60 min by default, 1 here). The
+    hang watchdog ends it first (--hang_timeout_minutes 0.25 here; by default the larger of 30 min and 20x the
+    median step): the stacks of every thread in OUTPUT_DIR/hang/, one line naming the resume, exit 5, and
+    node1's launcher ends with it. (node2's side is cut off the same way; its end is not what is measured.)"""
+    n1, n2 = slurm.cluster.nodes
+    out, port, hang_s = tmp_path / "run", free_port(), 15
+    procs = [torchrun_on(node, n1, port, out, tmp_path / f"{node.hostname}.log", train_extra=(
+        "--hang_timeout_minutes", str(hang_s / 60), "--collective_timeout_minutes", "1")) for node in (n1, n2)]
+    try:
+        cut_at = random.Random().randint(20, 60)
+        print(f"node2's link goes down at step {cut_at}")
+        wait_until(lambda: len(logged_steps(out)) >= cut_at, f"step {cut_at}", 240,
+                   alive=lambda: procs[0].poll() is None)
+        n2.set_link(False)
+        t0 = time.monotonic()
+        code = procs[0].wait(timeout=hang_s + 100)
+        ended_s = time.monotonic() - t0
+    finally:
+        n2.set_link(True)
+        for proc in procs:
+            try:
+                for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                    p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    log1 = (tmp_path / "node1.log").read_text()
+    assert code != 0
+    assert "hang watchdog: no training step completed" in log1 and "exiting with code 5" in log1, log1[-3000:]
+    dumps = list((out / "hang").glob("rank0_pid*.txt"))
+    assert len(dumps) == 1, dumps
+    dump = dumps[0].read_text()
+    assert "collective timeout in effect: 60.0 s" in dump and "trainer.py" in dump, dump[:3000]  # the loop's stack
+    assert ended_s < hang_s + 45, ended_s  # the watchdog's timeout, its stack dump, the launcher's shutdown
+    print(f"cut at step {cut_at}: node1 ended after {ended_s:.1f}s (hang timeout {hang_s}s, collective 60s)")
