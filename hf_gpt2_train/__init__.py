@@ -12,6 +12,12 @@ def is_launch_rank_0() -> bool:
     return int(_os.environ.get("RANK", "0")) == 0
 
 
+def launch_world_size() -> int:
+    """Processes of this torchrun/accelerate launch (1 for a single process), from the environment like
+    ``is_launch_rank_0``: it holds before a process group exists and after it is destroyed."""
+    return int(_os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def package_versions() -> dict[str, str]:
     """The versions a run records (run_info.json, manifests, the model card)."""
     import platform

@@ -22,13 +22,15 @@ import os
 import sys
 import threading
 
+from hf_gpt2_train import launch_world_size
+
 
 def ran_process_group() -> bool:
     """True in a process of a multi-process launch (torchrun, accelerate launch) or with a group up."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available():
         return False
-    return dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    return dist.is_initialized() or launch_world_size() > 1
 
 
 def leave(code: int) -> None:

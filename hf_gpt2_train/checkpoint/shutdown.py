@@ -20,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from hf_gpt2_train import launch_world_size
 from hf_gpt2_train.checkpoint.sync import LaggedAnyFlag
 
 HANDLED = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ())
@@ -80,7 +81,7 @@ class GracefulShutdown:
 def _launcher() -> list[str]:
     """How this process was started, as the argv prefix before the subcommand."""
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = launch_world_size()
     if "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by `accelerate launch` only
         procs = ["--num_processes", str(world)] if world > 1 else []
         return ["accelerate", "launch", *procs, "-m", "hf_gpt2_train"]

@@ -13,7 +13,7 @@ that vanished without closing its connections (power loss, a cut network), where
 
 from __future__ import annotations
 
-import os
+from hf_gpt2_train import launch_world_size
 
 # What the backends say when the other side of a collective went away (gloo's TCP transport, NCCL, the store).
 PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
@@ -23,7 +23,7 @@ PEER_LOST_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Bro
 
 def lost_peer_message(exc: BaseException) -> str | None:
     """One line for an error that means another process of this run is gone, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or not isinstance(exc, RuntimeError):
+    if launch_world_size() < 2 or not isinstance(exc, RuntimeError):
         return None
     text = str(exc)
     if not any(sign in text for sign in PEER_LOST_SIGNS):
