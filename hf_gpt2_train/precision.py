@@ -212,8 +212,9 @@ def plan_precision(cfg: PrecisionConfig, device_type: str | None = None) -> Prec
     """Decide what runs, before the Accelerator exists. Never raises for a missing backend: it falls back.
 
     ``cfg.mixed_precision`` None means the accelerate config's choice (``ACCELERATE_MIXED_PRECISION``, set by
-    ``accelerate launch``), else ``default_precision`` (bf16 on a CUDA GPU that has it, fp32 elsewhere). ``fp8_backend='auto'`` follows the accelerate config's ``fp8_config.backend``
-    (``ACCELERATE_FP8_BACKEND``) when it names TE or AO, else TE if usable, else torchao.
+    ``accelerate launch``), else ``default_precision`` (bf16 on a CUDA GPU that has it, fp32 elsewhere).
+    ``fp8_backend='auto'`` follows the accelerate config's ``fp8_config.backend`` (``ACCELERATE_FP8_BACKEND``)
+    when it names TE or AO, else TE if usable, else torchao.
 
     Side effect: ``ACCELERATE_FP8_BACKEND`` is removed from ``os.environ``. The plan owns the backend from here on;
     Accelerate's ``prepare()`` reads that variable whenever no recipe handler is passed, even for a bf16 run, and

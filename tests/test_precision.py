@@ -221,8 +221,8 @@ def test_a_run_that_names_no_precision_trains_in_bf16_on_a_gpu_with_bf16_and_fp3
     assert (flag.effective, flag.source) == ("no", "--mixed_precision")
     assert "default" not in describe(flag)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # so is an accelerate config's
-    assert (plan_precision(PrecisionConfig(), "cuda").effective,
-            plan_precision(PrecisionConfig(), "cuda").source) == ("no", "accelerate config")
+    configured = plan_precision(PrecisionConfig(), "cuda")
+    assert (configured.effective, configured.source) == ("no", "accelerate config")
 
 
 def test_contradictory_precision_input_is_a_config_error(monkeypatch):
