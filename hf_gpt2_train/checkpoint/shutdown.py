@@ -57,7 +57,7 @@ class GracefulShutdown:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         rank = os.environ.get("RANK")
-        who = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        who = f"[rank {rank}] " if rank is not None and launch_world_size() > 1 else ""
         # os.write, not print: a handler may interrupt a print of the main thread (re-entrant I/O error).
         if self.requested:
             if signum == signal.SIGINT:
